@@ -1,0 +1,126 @@
+"""Streams and durable pull consumers, declared as code in one place and applied at start-up.
+
+Every service applies the whole topology, so consumers exist before anything is published and
+a changed setting here reaches the server on the next start (an existing consumer is updated,
+never silently kept with its old config).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from services.common.bus.contracts import DLQ_PREFIX, Subject
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age_seconds: float = 7 * DAY
+    duplicate_window_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    name: str
+    stream: str
+    subjects: tuple[Subject, ...]
+    # Long enough for one CPU labeler batch; handlers send in_progress() for slower work.
+    ack_wait_seconds: float = 60.0
+    max_deliver: int = 6
+    max_ack_pending: int = 256
+    backoff: tuple[float, ...] = field(default=())
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec("TANDEM_ITEMS", ("tandem.items.v1.>",)),
+    StreamSpec("TANDEM_PREDICTIONS", ("tandem.predictions.v1.>",)),
+    StreamSpec("TANDEM_TASKS", ("tandem.tasks.v1.>",)),
+    StreamSpec("TANDEM_LABELS", ("tandem.labels.v1.>",)),
+    StreamSpec("TANDEM_DLQ", (f"{DLQ_PREFIX}.>",), max_age_seconds=30 * DAY),
+)
+
+INFERENCE = ConsumerSpec("inference", "TANDEM_ITEMS", (Subject.ITEMS_INGESTED,), max_ack_pending=64)
+EXPORT_ITEMS = ConsumerSpec("export-items", "TANDEM_ITEMS", (Subject.ITEMS_INGESTED,))
+SCORER_PREDICTIONS = ConsumerSpec(
+    "scorer-predictions", "TANDEM_PREDICTIONS", (Subject.PREDICTIONS_PRELABELED,)
+)
+SCORER_LABELS = ConsumerSpec("scorer-labels", "TANDEM_LABELS", (Subject.LABELS_ANNOTATED,))
+# One consumer for both task subjects keeps a withdrawal behind the request it withdraws.
+REVIEW_TASKS = ConsumerSpec(
+    "review-tasks", "TANDEM_TASKS", (Subject.TASKS_REVIEW_REQUESTED, Subject.TASKS_WITHDRAWN)
+)
+EXPORT_LABELS = ConsumerSpec("export-labels", "TANDEM_LABELS", (Subject.LABELS_FINALIZED,))
+
+CONSUMERS: tuple[ConsumerSpec, ...] = (
+    INFERENCE,
+    EXPORT_ITEMS,
+    SCORER_PREDICTIONS,
+    SCORER_LABELS,
+    REVIEW_TASKS,
+    EXPORT_LABELS,
+)
+
+PROJECTS_BUCKET = "tandem_projects"
+
+
+def _stream_config(spec: StreamSpec) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=spec.max_age_seconds,
+        duplicate_window=spec.duplicate_window_seconds,
+    )
+
+
+def _consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
+    subjects = [str(s) for s in spec.subjects]
+    return ConsumerConfig(
+        name=spec.name,
+        durable_name=spec.name,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=spec.ack_wait_seconds,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=subjects if len(subjects) > 1 else None,
+        backoff=list(spec.backoff) or None,
+    )
+
+
+async def apply_topology(js: JetStreamContext) -> None:
+    """Create or update every stream, consumer and bucket; safe to run concurrently."""
+    for stream in STREAMS:
+        config = _stream_config(stream)
+        try:
+            await js.stream_info(stream.name)
+        except NotFoundError:
+            await js.add_stream(config)
+        else:
+            await js.update_stream(config)
+    for consumer in CONSUMERS:
+        # CONSUMER.CREATE with a name creates the consumer or updates its config.
+        await js.add_consumer(consumer.stream, _consumer_config(consumer))
+    await js.create_key_value(bucket=PROJECTS_BUCKET, history=1)
+    log.debug("topology applied: %d streams, %d consumers", len(STREAMS), len(CONSUMERS))

@@ -1,0 +1,181 @@
+"""The one consumer loop every service uses.
+
+Fetch a batch from a durable pull consumer, decode each message by its subject, hand it to the
+handler, then settle it explicitly:
+
+- success                      ack (after the handler's transaction committed)
+- RetryableError / unexpected  nak(delay) with a growing delay, until max_deliver; the last
+                               delivery is dead-lettered instead of being dropped silently
+- PermanentError (poison)      publish to tandem.dlq.<consumer> with the reason, then term()
+- FatalError                   nak so another replica gets it, then stop the process
+
+Handlers must be idempotent: the same message can arrive twice (redelivery after a crash
+between commit and ack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+
+from services.common.bus.contracts import Subject, decode, dlq_subject
+from services.common.bus.topology import ConsumerSpec
+from services.common.errors import FatalError, PermanentError, RetryableError
+from services.common.metrics import BUS_BATCH_ITEMS, BUS_DEAD_LETTERS, BUS_HANDLER_SECONDS, BUS_MESSAGES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler gets: the decoded message plus what it needs to stay idempotent."""
+
+    subject: Subject
+    message: Message
+    msg_id: str  # stable across redeliveries: stream name + stream sequence
+    num_delivered: int
+    raw: Msg
+
+    async def heartbeat(self) -> None:
+        """Tell the server the message is still being worked on (long LLM batches)."""
+        await self.raw.in_progress()
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+OnFatal = Callable[[BaseException], None]
+
+
+def _items_in(message: Message) -> int:
+    for field_name in ("items", "predictions", "tasks", "labels", "item_ids"):
+        if message.DESCRIPTOR.fields_by_name.get(field_name) is not None:
+            return len(getattr(message, field_name))
+    return 1
+
+
+class Worker:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        spec: ConsumerSpec,
+        handler: Handler,
+        *,
+        on_fatal: OnFatal,
+        fetch_batch: int = 8,
+        fetch_timeout: float = 1.0,
+        base_retry_delay: float = 0.5,
+    ) -> None:
+        self._js = js
+        self._spec = spec
+        self._handler = handler
+        self._on_fatal = on_fatal
+        self._fetch_batch = fetch_batch
+        self._fetch_timeout = fetch_timeout
+        self._base_retry_delay = base_retry_delay
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def name(self) -> str:
+        return self._spec.name
+
+    def stop_fetching(self) -> None:
+        self._stopping.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        sub = await self._js.pull_subscribe_bind(durable=self._spec.name, stream=self._spec.stream)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(self._fetch_batch, timeout=self._fetch_timeout)
+                except NatsTimeoutError:
+                    continue
+                self._idle.clear()
+                try:
+                    for msg in msgs:
+                        try:
+                            await self._settle(msg)
+                        except Exception:
+                            # Settling itself failed (bus down): the server redelivers after ack_wait.
+                            log.exception("%s: could not settle a message", self._spec.name)
+                finally:
+                    self._idle.set()
+        finally:
+            await sub.unsubscribe()
+
+    async def _settle(self, msg: Msg) -> None:
+        consumer = self._spec.name
+        meta = msg.metadata
+        started = time.perf_counter()
+        outcome = "ack"
+        try:
+            subject, message = decode(msg.subject, msg.data)
+            BUS_BATCH_ITEMS.labels(consumer).observe(_items_in(message))
+            delivery = Delivery(
+                subject=subject,
+                message=message,
+                msg_id=f"{meta.stream}:{meta.sequence.stream}",
+                num_delivered=meta.num_delivered,
+                raw=msg,
+            )
+            await self._handler(delivery)
+            await msg.ack()
+        except PermanentError as exc:
+            outcome = "dead_letter"
+            await self._dead_letter(msg, f"permanent: {exc}")
+        except FatalError as exc:
+            outcome = "fatal"
+            log.error("%s: fatal error, stopping: %s", consumer, exc)
+            await msg.nak()
+            self._stopping.set()
+            self._on_fatal(exc)
+        except Exception as exc:
+            # RetryableError and anything unforeseen: retry with backoff; never lose the message.
+            if meta.num_delivered >= self._spec.max_deliver:
+                outcome = "dead_letter"
+                await self._dead_letter(msg, f"gave up after {meta.num_delivered} deliveries: {exc!r}")
+            else:
+                outcome = "nak"
+                delay = exc.delay if isinstance(exc, RetryableError) else self._base_retry_delay
+                delay *= 2 ** (meta.num_delivered - 1)
+                level = logging.WARNING if isinstance(exc, RetryableError) else logging.ERROR
+                log.log(
+                    level,
+                    "%s: retry in %.1fs (delivery %d): %r",
+                    consumer,
+                    delay,
+                    meta.num_delivered,
+                    exc,
+                    exc_info=not isinstance(exc, RetryableError),
+                )
+                await msg.nak(delay=delay)
+        finally:
+            BUS_MESSAGES.labels(consumer, outcome).inc()
+            BUS_HANDLER_SECONDS.labels(consumer).observe(time.perf_counter() - started)
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        consumer = self._spec.name
+        meta = msg.metadata
+        log.error("%s: dead-lettering %s seq %d: %s", consumer, msg.subject, meta.sequence.stream, reason)
+        headers = {
+            "Nats-Msg-Id": f"dlq:{consumer}:{meta.stream}:{meta.sequence.stream}",
+            "Tandem-Error": reason[:1000],
+            "Tandem-Subject": msg.subject,
+            "Tandem-Stream-Seq": str(meta.sequence.stream),
+            "Tandem-Deliveries": str(meta.num_delivered),
+        }
+        # Publish first: if it fails the message is redelivered rather than lost.
+        await self._js.publish(dlq_subject(consumer), msg.data, headers=headers)
+        BUS_DEAD_LETTERS.labels(consumer).inc()
+        await msg.term()

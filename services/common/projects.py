@@ -1,0 +1,97 @@
+"""Project definitions as every service sees them.
+
+The ingest service owns projects in PostgreSQL and, after commit, puts each one into the
+`tandem_projects` key-value bucket. Other services read them from there (no call to ingest on
+their hot path, nothing to import from its package) through a small time-bounded cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from services.common.bus.topology import PROJECTS_BUCKET
+from services.common.errors import UnknownProject
+from services.gen.tandem.projects.v1 import projects_pb2
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    project_id: str
+    name: str
+    labels: tuple[LabelSpec, ...]
+    instructions: str
+    target_accuracy: float
+    audit_rate: float
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    def label_index(self, name: str) -> int:
+        return self.label_names.index(name)
+
+    @classmethod
+    def from_proto(cls, p: projects_pb2.Project) -> ProjectSpec:
+        return cls(
+            project_id=p.project_id,
+            name=p.name,
+            labels=tuple(LabelSpec(lb.name, lb.description) for lb in p.labels),
+            instructions=p.instructions,
+            target_accuracy=p.target_accuracy,
+            audit_rate=p.audit_rate,
+        )
+
+    def to_proto(self) -> projects_pb2.Project:
+        return projects_pb2.Project(
+            project_id=self.project_id,
+            name=self.name,
+            labels=[projects_pb2.LabelDef(name=lb.name, description=lb.description) for lb in self.labels],
+            instructions=self.instructions,
+            target_accuracy=self.target_accuracy,
+            audit_rate=self.audit_rate,
+        )
+
+
+class ProjectDirectory:
+    def __init__(self, js: JetStreamContext, *, ttl_seconds: float = 10.0) -> None:
+        self._js = js
+        self._ttl = ttl_seconds
+        self._kv: KeyValue | None = None
+        self._cache: dict[str, tuple[float, ProjectSpec]] = {}
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self._js.key_value(PROJECTS_BUCKET)
+        return self._kv
+
+    async def get(self, project_id: str) -> ProjectSpec:
+        cached = self._cache.get(project_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self._ttl:
+            return cached[1]
+        try:
+            entry = await (await self._bucket()).get(project_id)
+        except KeyNotFoundError as exc:
+            raise UnknownProject(project_id) from exc
+        if entry.value is None:
+            raise UnknownProject(project_id)
+        proto = projects_pb2.Project()
+        proto.ParseFromString(entry.value)
+        spec = ProjectSpec.from_proto(proto)
+        self._cache[project_id] = (now, spec)
+        return spec
+
+    async def put(self, spec: ProjectSpec) -> None:
+        await (await self._bucket()).put(spec.project_id, spec.to_proto().SerializeToString())
+        self._cache[spec.project_id] = (time.monotonic(), spec)

@@ -1,0 +1,28 @@
+"""`python -m services.export`: materializes final labels and serves exports."""
+
+from __future__ import annotations
+
+from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS
+from services.common.lifecycle import Runtime, run
+from services.export.handlers import ExportServicer, ExportStatsServicer, Materializer
+from services.export.repo import SCHEMA
+from services.export.settings import ExportSettings
+from services.gen.tandem.export.v1 import export_pb2_grpc
+from services.gen.tandem.stats.v1 import stats_pb2_grpc
+
+
+def main() -> None:
+    settings = ExportSettings()
+
+    async def setup(rt: Runtime) -> None:
+        materializer = Materializer(rt.pool)
+        rt.add_worker(EXPORT_ITEMS, materializer.on_items, fetch_batch=16)
+        rt.add_worker(EXPORT_LABELS, materializer.on_final_labels, fetch_batch=16)
+        export_pb2_grpc.add_ExportServiceServicer_to_server(ExportServicer(rt.pool, settings), rt.grpc_server)
+        stats_pb2_grpc.add_StatsServiceServicer_to_server(ExportStatsServicer(rt.pool), rt.grpc_server)
+
+    run("export", settings, setup, schema=SCHEMA)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""SQL of the export service (schema `export`)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+
+from services.export.service import SOURCE_RANK, source_name
+from services.gen.tandem.items.v1 import items_pb2
+from services.gen.tandem.labels.v1 import labels_pb2
+
+SCHEMA = "export"
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+async def upsert_items(conn: asyncpg.Connection, items: Sequence[items_pb2.Item]) -> None:
+    await conn.execute(
+        "INSERT INTO export.items (item_id, project_id, external_id, text, metadata, synthetic, ingested_at)"
+        " SELECT u.id, u.project, u.ext, u.txt, u.meta::jsonb, u.syn, u.ts"
+        " FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[],"
+        " $7::timestamptz[]) AS u(id, project, ext, txt, meta, syn, ts)"
+        " ON CONFLICT (item_id) DO NOTHING",
+        [it.item_id for it in items],
+        [it.project_id for it in items],
+        [it.external_id for it in items],
+        [it.text for it in items],
+        [json.dumps(dict(it.metadata)) for it in items],
+        [it.synthetic for it in items],
+        [_ts(it.ingested_unix_ms) for it in items],
+    )
+
+
+async def upsert_final_labels(
+    conn: asyncpg.Connection, project_id: str, labels: Sequence[labels_pb2.FinalLabel]
+) -> None:
+    sources = [source_name(lb.source) for lb in labels]
+    await conn.execute(
+        "INSERT INTO export.final_labels (item_id, project_id, label, source, source_rank, confidence,"
+        " model_version, annotator_ids, finalized_at)"
+        " SELECT u.id, $2, u.label, u.source, u.rnk, u.conf, u.model, string_to_array(u.annotators, ','), u.ts"
+        " FROM unnest($1::uuid[], $3::text[], $4::text[], $5::smallint[], $6::real[], $7::text[], $8::text[],"
+        " $9::timestamptz[]) AS u(id, label, source, rnk, conf, model, annotators, ts)"
+        " ON CONFLICT (item_id) DO UPDATE SET label = EXCLUDED.label, source = EXCLUDED.source,"
+        " source_rank = EXCLUDED.source_rank, confidence = EXCLUDED.confidence,"
+        " model_version = EXCLUDED.model_version, annotator_ids = EXCLUDED.annotator_ids,"
+        " finalized_at = EXCLUDED.finalized_at, updated_at = now()"
+        " WHERE EXCLUDED.source_rank >= export.final_labels.source_rank",
+        [lb.item_id for lb in labels],
+        project_id,
+        [lb.label for lb in labels],
+        sources,
+        [SOURCE_RANK[s] for s in sources],
+        [lb.confidence for lb in labels],
+        [lb.model_version for lb in labels],
+        [",".join(lb.annotator_ids) if lb.annotator_ids else None for lb in labels],
+        [_ts(lb.finalized_unix_ms) for lb in labels],
+    )
+
+
+async def create_snapshot(conn: asyncpg.Connection, project_id: str) -> asyncpg.Record:
+    export_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO export.exports (export_id, project_id, rows, pending, rows_by_source)"
+        " VALUES ($1, $2, 0, 0, '{}')",
+        export_id,
+        project_id,
+    )
+    await conn.execute(
+        "INSERT INTO export.export_rows (export_id, item_id, line)"
+        " SELECT $1, i.item_id, jsonb_build_object("
+        "  'id', i.external_id, 'item_id', i.item_id, 'text', i.text, 'label', f.label, 'source', f.source,"
+        "  'confidence', f.confidence, 'model_version', f.model_version, 'annotator_ids', f.annotator_ids,"
+        "  'synthetic', i.synthetic, 'metadata', i.metadata, 'ingested_at', i.ingested_at,"
+        "  'finalized_at', f.finalized_at)"
+        " FROM export.items i JOIN export.final_labels f USING (item_id) WHERE i.project_id = $2",
+        export_id,
+        project_id,
+    )
+    by_source = {
+        r["source"]: r["n"]
+        for r in await conn.fetch(
+            "SELECT line->>'source' AS source, count(*) AS n FROM export.export_rows WHERE export_id = $1"
+            " GROUP BY 1",
+            export_id,
+        )
+    }
+    pending = await conn.fetchval(
+        "SELECT count(*) FROM export.items i WHERE i.project_id = $1"
+        " AND NOT EXISTS (SELECT 1 FROM export.final_labels f WHERE f.item_id = i.item_id)",
+        project_id,
+    )
+    row = await conn.fetchrow(
+        "UPDATE export.exports SET rows = $2, pending = $3, rows_by_source = $4 WHERE export_id = $1 RETURNING *",
+        export_id,
+        sum(by_source.values()),
+        pending,
+        json.dumps(by_source),
+    )
+    assert row is not None
+    return row
+
+
+async def get_export(conn: asyncpg.Connection, export_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM export.exports WHERE export_id = $1", uuid.UUID(export_id))
+
+
+async def stream_lines(conn: asyncpg.Connection, export_id: str, prefetch: int) -> AsyncIterator[str]:
+    """The snapshot's lines in item order, read through a server-side cursor (bounded memory)."""
+    async with conn.transaction():
+        async for row in conn.cursor(
+            "SELECT line::text AS line FROM export.export_rows WHERE export_id = $1 ORDER BY item_id",
+            uuid.UUID(export_id),
+            prefetch=prefetch,
+        ):
+            yield row["line"]
+
+
+async def stats(conn: asyncpg.Connection, project_id: str) -> tuple[int, dict[str, int], datetime | None]:
+    items = await conn.fetchval("SELECT count(*) FROM export.items WHERE project_id = $1", project_id)
+    rows = await conn.fetch(
+        "SELECT f.source, count(*) AS n, max(f.finalized_at) AS last FROM export.final_labels f"
+        " JOIN export.items i USING (item_id) WHERE f.project_id = $1 GROUP BY f.source",
+        project_id,
+    )
+    last = max((r["last"] for r in rows), default=None)
+    return items, {r["source"]: r["n"] for r in rows}, last

@@ -1,0 +1,185 @@
+"""Pure domain logic of ingest: validation at the edge, content hashing, project rules."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from services.common.projects import LabelSpec, ProjectSpec
+
+PROJECT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_EXTERNAL_ID_CHARS = 256
+DEFAULT_TARGET_ACCURACY = 0.95
+DEFAULT_AUDIT_RATE = 0.03
+
+
+class InvalidProject(ValueError):
+    """A project definition a client must fix."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_bytes: int
+    max_metadata_keys: int
+    max_metadata_value_chars: int
+
+
+@dataclass(frozen=True)
+class RawItem:
+    external_id: str
+    text: bytes
+    metadata: dict[str, str]
+    synthetic: bool
+    project_id: str
+
+
+@dataclass(frozen=True)
+class ValidItem:
+    index: int  # position in the request, so answers keep the request's order
+    project_id: str
+    external_id: str
+    text: str
+    metadata: dict[str, str]
+    synthetic: bool
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    index: int
+    project_id: str
+    external_id: str
+    reason: str
+    raw: bytes
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass
+class ItemAnswer:
+    external_id: str
+    outcome: Outcome
+    item_id: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Screened:
+    valid: list[ValidItem] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def normalize_for_hash(text: str) -> str:
+    """Texts that differ only in Unicode form or white space are the same item."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(normalize_for_hash(text).encode("utf-8")).hexdigest()
+
+
+def check_item(raw: RawItem, limits: Limits) -> str:
+    """Returns the decoded text, or raises ValueError with a reason a client can act on."""
+    if len(raw.text) > limits.max_text_bytes:
+        raise ValueError(f"text is {len(raw.text):,} bytes; the limit is {limits.max_text_bytes:,}")
+    try:
+        text = raw.text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw.text[exc.start : exc.start + 1].hex()
+        raise ValueError(f"text is not valid UTF-8 (byte 0x{bad} at offset {exc.start})") from exc
+    if not text.strip():
+        raise ValueError("text is empty")
+    if "\x00" in text:
+        raise ValueError("text contains a NUL character")
+    if len(raw.external_id) > MAX_EXTERNAL_ID_CHARS:
+        raise ValueError(f"external_id is longer than {MAX_EXTERNAL_ID_CHARS} characters")
+    if len(raw.metadata) > limits.max_metadata_keys:
+        raise ValueError(f"metadata has {len(raw.metadata)} keys; the limit is {limits.max_metadata_keys}")
+    for key, value in raw.metadata.items():
+        if not key or len(key) > 64:
+            raise ValueError(f"metadata key {key[:64]!r} must be 1 to 64 characters")
+        if len(value) > limits.max_metadata_value_chars:
+            raise ValueError(
+                f"metadata value for {key!r} is longer than {limits.max_metadata_value_chars} characters"
+            )
+    return text
+
+
+def screen(items: Sequence[RawItem], known_projects: set[str], limits: Limits) -> Screened:
+    """Split a request into items to store and items to reject, keeping the request order."""
+    out = Screened()
+    for index, raw in enumerate(items):
+        external_id = raw.external_id or f"#{index}"
+        try:
+            if raw.project_id not in known_projects:
+                raise ValueError(f"unknown project {raw.project_id!r}")
+            text = check_item(raw, limits)
+        except ValueError as exc:
+            out.rejected.append(Rejection(index, raw.project_id, external_id, str(exc), raw.text))
+            continue
+        out.valid.append(
+            ValidItem(
+                index=index,
+                project_id=raw.project_id,
+                external_id=raw.external_id,
+                text=text,
+                metadata=dict(raw.metadata),
+                synthetic=raw.synthetic,
+                content_hash=content_hash(text),
+            )
+        )
+    return out
+
+
+def chunk(items: Sequence[ValidItem], max_items: int, max_bytes: int) -> Iterator[list[ValidItem]]:
+    """Bus batches bounded by count and by approximate payload size."""
+    current: list[ValidItem] = []
+    size = 0
+    for item in items:
+        item_size = len(item.text.encode("utf-8")) + 256
+        if current and (len(current) >= max_items or size + item_size > max_bytes):
+            yield current
+            current, size = [], 0
+        current.append(item)
+        size += item_size
+    if current:
+        yield current
+
+
+def validate_project(spec: ProjectSpec) -> ProjectSpec:
+    """Check a project definition and fill its defaults."""
+    if not PROJECT_ID_RE.match(spec.project_id):
+        raise InvalidProject(
+            "project_id must be 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+        )
+    names = [label.name.strip() for label in spec.labels]
+    if len(names) < 2:
+        raise InvalidProject("a project needs at least two labels")
+    if any(not n for n in names):
+        raise InvalidProject("label names must not be empty")
+    if len(set(names)) != len(names):
+        raise InvalidProject("label names must be unique")
+    target = spec.target_accuracy or DEFAULT_TARGET_ACCURACY
+    if not 0.5 <= target < 1.0:
+        raise InvalidProject("target_accuracy must be in [0.5, 1.0)")
+    audit = spec.audit_rate or DEFAULT_AUDIT_RATE
+    if not 0.0 <= audit <= 0.5:
+        raise InvalidProject("audit_rate must be in [0, 0.5]")
+    return ProjectSpec(
+        project_id=spec.project_id,
+        name=spec.name or spec.project_id,
+        labels=tuple(
+            LabelSpec(n, label.description.strip()) for n, label in zip(names, spec.labels, strict=True)
+        ),
+        instructions=spec.instructions,
+        target_accuracy=target,
+        audit_rate=audit,
+    )

@@ -1,0 +1,200 @@
+"""SQL of the review service (schema `review`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from services.common.bus.outbox import Outgoing, enqueue
+from services.gen.tandem.tasks.v1 import tasks_pb2
+
+SCHEMA = "review"
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    task_id: str
+    item_id: str
+    project_id: str
+    external_id: str
+    text: str
+    suggested_label: str
+    confidence: float
+    reason: str
+    synthetic: bool
+    state: str
+    lease_id: str | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+
+    @classmethod
+    def of(cls, r: asyncpg.Record) -> TaskRow:
+        return cls(
+            task_id=str(r["task_id"]),
+            item_id=str(r["item_id"]),
+            project_id=r["project_id"],
+            external_id=r["external_id"],
+            text=r["text"],
+            suggested_label=r["suggested_label"],
+            confidence=r["confidence"],
+            reason=r["reason"],
+            synthetic=r["synthetic"],
+            state=r["state"],
+            lease_id=str(r["lease_id"]) if r["lease_id"] else None,
+            lease_owner=r["lease_owner"],
+            lease_expires_at=r["lease_expires_at"],
+        )
+
+
+async def upsert_tasks(conn: asyncpg.Connection, tasks: Sequence[tasks_pb2.ReviewTask]) -> None:
+    full = [t for t in tasks if t.text]
+    rerank = [t for t in tasks if not t.text]
+    if full:
+        # A task id derived from the item keeps a redelivered request from creating a second task.
+        await conn.execute(
+            "INSERT INTO review.tasks (task_id, item_id, project_id, external_id, text, suggested_label,"
+            " confidence, reason, priority, synthetic)"
+            " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],"
+            " $7::real[], $8::text[], $9::float8[], $10::boolean[])"
+            " ON CONFLICT (item_id) DO UPDATE SET priority = EXCLUDED.priority, updated_at = now()"
+            " WHERE review.tasks.state = 'open'",
+            [str(uuid.uuid5(uuid.NAMESPACE_URL, f"task:{t.item_id}")) for t in full],
+            [t.item_id for t in full],
+            [t.project_id for t in full],
+            [t.external_id for t in full],
+            [t.text for t in full],
+            [t.suggested_label for t in full],
+            [t.confidence for t in full],
+            [t.reason for t in full],
+            [t.priority for t in full],
+            [t.synthetic for t in full],
+        )
+    if rerank:
+        await conn.execute(
+            "UPDATE review.tasks t SET priority = r.priority, updated_at = now()"
+            " FROM unnest($1::uuid[], $2::float8[]) AS r(item_id, priority)"
+            " WHERE t.item_id = r.item_id AND t.state = 'open'",
+            [t.item_id for t in rerank],
+            [t.priority for t in rerank],
+        )
+
+
+async def withdraw(conn: asyncpg.Connection, item_ids: Sequence[str]) -> int:
+    """Withdraw open tasks; a leased task finishes normally (its label is still worth having)."""
+    result = await conn.execute(
+        "UPDATE review.tasks SET state = 'withdrawn', updated_at = now()"
+        " WHERE item_id = ANY($1::uuid[]) AND state = 'open'",
+        list(item_ids),
+    )
+    return int(result.split()[-1])
+
+
+async def claim_next(
+    conn: asyncpg.Connection, project_id: str, annotator_id: str, lease_seconds: float
+) -> TaskRow | None:
+    row = await conn.fetchrow(
+        "WITH next AS ("
+        " SELECT task_id FROM review.tasks WHERE project_id = $1 AND state = 'open'"
+        " ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " UPDATE review.tasks t SET state = 'leased', lease_id = $2, lease_owner = $3,"
+        " lease_expires_at = now() + make_interval(secs => $4), updated_at = now()"
+        " FROM next WHERE t.task_id = next.task_id RETURNING t.*",
+        project_id,
+        uuid.uuid4(),
+        annotator_id,
+        lease_seconds,
+    )
+    return TaskRow.of(row) if row is not None else None
+
+
+async def lock_task(conn: asyncpg.Connection, task_id: str) -> TaskRow | None:
+    row = await conn.fetchrow("SELECT * FROM review.tasks WHERE task_id = $1 FOR UPDATE", uuid.UUID(task_id))
+    return TaskRow.of(row) if row is not None else None
+
+
+async def has_annotation(conn: asyncpg.Connection, task_id: str, annotator_id: str) -> bool:
+    found = await conn.fetchval(
+        "SELECT 1 FROM review.annotations WHERE task_id = $1 AND annotator_id = $2",
+        uuid.UUID(task_id),
+        annotator_id,
+    )
+    return found is not None
+
+
+async def complete(
+    conn: asyncpg.Connection, task_id: str, annotator_id: str, label: str, seconds: float
+) -> datetime:
+    await conn.execute(
+        "UPDATE review.tasks SET state = 'done', lease_id = NULL, lease_expires_at = NULL, updated_at = now()"
+        " WHERE task_id = $1",
+        uuid.UUID(task_id),
+    )
+    created: datetime = await conn.fetchval(
+        "INSERT INTO review.annotations (task_id, annotator_id, label, seconds_spent) VALUES ($1, $2, $3, $4)"
+        " RETURNING created_at",
+        uuid.UUID(task_id),
+        annotator_id,
+        label,
+        seconds,
+    )
+    return created
+
+
+async def release(conn: asyncpg.Connection, task_id: str, skipped: bool) -> None:
+    await conn.execute(
+        "UPDATE review.tasks SET state = 'open', lease_id = NULL, lease_owner = NULL, lease_expires_at = NULL,"
+        " skips = skips + $2, updated_at = now() WHERE task_id = $1 AND state = 'leased'",
+        uuid.UUID(task_id),
+        1 if skipped else 0,
+    )
+
+
+async def extend(conn: asyncpg.Connection, task_id: str, seconds: float) -> TaskRow | None:
+    row = await conn.fetchrow(
+        "UPDATE review.tasks SET lease_expires_at = now() + make_interval(secs => $2), updated_at = now()"
+        " WHERE task_id = $1 AND state = 'leased' RETURNING *",
+        uuid.UUID(task_id),
+        seconds,
+    )
+    return TaskRow.of(row) if row is not None else None
+
+
+async def expire_leases(conn: asyncpg.Connection) -> int:
+    result = await conn.execute(
+        "UPDATE review.tasks SET state = 'open', lease_id = NULL, lease_owner = NULL, lease_expires_at = NULL,"
+        " updated_at = now() WHERE state = 'leased' AND lease_expires_at < now()"
+    )
+    return int(result.split()[-1])
+
+
+async def publish(conn: asyncpg.Connection, outgoing: Sequence[Outgoing]) -> None:
+    await enqueue(conn, SCHEMA, outgoing)
+
+
+async def counts(conn: asyncpg.Connection, project_id: str) -> dict[str, float]:
+    row = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE state = 'open') AS open,"
+        " count(*) FILTER (WHERE state = 'leased') AS leased,"
+        " count(*) FILTER (WHERE state = 'done') AS done,"
+        " count(*) FILTER (WHERE state = 'withdrawn') AS withdrawn"
+        " FROM review.tasks WHERE project_id = $1",
+        project_id,
+    )
+    ann = await conn.fetchrow(
+        "SELECT count(DISTINCT a.annotator_id) AS annotators, coalesce(avg(a.seconds_spent), 0) AS mean_seconds"
+        " FROM review.annotations a JOIN review.tasks t USING (task_id) WHERE t.project_id = $1",
+        project_id,
+    )
+    assert row is not None and ann is not None
+    return {**dict(row), **dict(ann)}
+
+
+async def queue_depth(conn: asyncpg.Connection) -> dict[str, int]:
+    rows = await conn.fetch(
+        "SELECT state, count(*) AS n FROM review.tasks WHERE state IN ('open', 'leased') GROUP BY state"
+    )
+    return {r["state"]: r["n"] for r in rows}

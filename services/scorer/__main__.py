@@ -1,0 +1,29 @@
+"""`python -m services.scorer`: decides which labels are accepted and which items people review."""
+
+from __future__ import annotations
+
+from services.common.bus.topology import SCORER_LABELS, SCORER_PREDICTIONS
+from services.common.lifecycle import Runtime, run
+from services.common.projects import ProjectDirectory
+from services.gen.tandem.stats.v1 import stats_pb2_grpc
+from services.scorer.handlers import Scorer, ScorerStatsServicer
+from services.scorer.repo import SCHEMA
+from services.scorer.settings import ScorerSettings
+
+
+def main() -> None:
+    settings = ScorerSettings()
+
+    async def setup(rt: Runtime) -> None:
+        relay = rt.add_outbox(SCHEMA)
+        scorer = Scorer(rt.pool, relay, ProjectDirectory(rt.js), settings)
+        rt.add_worker(SCORER_PREDICTIONS, scorer.on_predictions)
+        rt.add_worker(SCORER_LABELS, scorer.on_human_labels)
+        rt.add_background(scorer.refit_loop)
+        stats_pb2_grpc.add_StatsServiceServicer_to_server(ScorerStatsServicer(scorer), rt.grpc_server)
+
+    run("scorer", settings, setup, schema=SCHEMA)
+
+
+if __name__ == "__main__":
+    main()

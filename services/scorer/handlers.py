@@ -1,0 +1,360 @@
+"""Bus and gRPC edge of the scorer: predictions and human labels in; tasks, withdrawals and
+automatic final labels out (through the outbox)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TypeVar
+
+import asyncpg
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from services.common.bus.outbox import OutboxRelay, Outgoing
+from services.common.bus.worker import Delivery
+from services.common.errors import PermanentError
+from services.common.grpc_context import Context
+from services.common.projects import ProjectDirectory, ProjectSpec
+from services.gen.tandem.labels.v1 import labels_pb2
+from services.gen.tandem.predictions.v1 import predictions_pb2
+from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
+from services.gen.tandem.tasks.v1 import tasks_pb2
+from services.scorer import repo
+from services.scorer.policy import DecisionKind, PolicyConfig, wilson_lower_bound
+from services.scorer.service import ProjectModel
+from services.scorer.settings import ScorerSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DECISIONS = Counter("tandem_scorer_decisions_total", "Scorer decisions, by outcome.", ["outcome"])
+REFITS = Counter("tandem_scorer_refits_total", "Model refits.")
+WITHDRAWN = Counter("tandem_scorer_withdrawn_total", "Review tasks withdrawn after a refit.")
+THRESHOLD = Gauge("tandem_scorer_auto_threshold", "Auto-accept confidence threshold of the last refit model.")
+ESTIMATED = Gauge(
+    "tandem_scorer_estimated_accuracy", "Leave-one-out accuracy above the threshold of the last refit model."
+)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Scorer:
+    def __init__(
+        self, pool: asyncpg.Pool, relay: OutboxRelay, projects: ProjectDirectory, settings: ScorerSettings
+    ) -> None:
+        self._pool = pool
+        self._relay = relay
+        self._projects = projects
+        self._settings = settings
+        self._policy: PolicyConfig = settings.policy()
+        self._models: dict[str, ProjectModel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._dirty: dict[str, float] = {}  # project → monotonic time of the first unrefit label
+        self._wake = asyncio.Event()
+
+    def _lock(self, project_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(project_id, asyncio.Lock())
+
+    async def _model(
+        self, project: ProjectSpec, label_embeddings: np.ndarray | None = None, model_id: str = ""
+    ) -> ProjectModel:
+        """The project's model, rebuilt from PostgreSQL after a restart."""
+        model = self._models.get(project.project_id)
+        if model is not None:
+            return model
+        async with self._pool.acquire() as conn:
+            stored = await repo.load_label_space(conn, project.project_id)
+            if stored is None:
+                if label_embeddings is None:
+                    raise PermanentError(f"no label embeddings known for project {project.project_id!r}")
+                await repo.save_label_space(conn, project.project_id, model_id, label_embeddings)
+                stored = label_embeddings
+            X, y = await repo.load_human_labels(conn, project.project_id)
+        model = ProjectModel(project, stored, self._policy)
+        if len(y):
+            model.add_labels(X, y)
+        model.refit()
+        self._models[project.project_id] = model
+        log.info(
+            "model for %s ready: %d human labels, threshold %s", project.project_id, len(y), model.threshold
+        )
+        return model
+
+    # -- predictions ---------------------------------------------------------------------------
+
+    async def on_predictions(self, delivery: Delivery) -> None:
+        batch = delivery.message
+        assert isinstance(batch, predictions_pb2.PredictionBatch)
+        if not batch.predictions:
+            return
+        project = await self._projects.get(batch.project_id)
+        k = len(project.labels)
+        label_emb = None
+        if batch.label_embeddings:
+            label_emb = np.asarray(batch.label_embeddings, dtype=np.float32).reshape(k, -1)
+        for p in batch.predictions:
+            if len(p.probs) != k or not p.embedding:
+                raise PermanentError(f"prediction for {p.item_id} does not match the project's {k} labels")
+        async with self._lock(project.project_id):
+            model = await self._model(project, label_emb, batch.model_id)
+            await self._decide_new(project, model, batch, delivery.msg_id)
+
+    async def _decide_new(
+        self, project: ProjectSpec, model: ProjectModel, batch: predictions_pb2.PredictionBatch, msg_id: str
+    ) -> None:
+        X = np.vstack([np.asarray(p.embedding, dtype=np.float32) for p in batch.predictions])
+        ids = [p.item_id for p in batch.predictions]
+        decisions = model.decide(X, ids)
+        rows: list[repo.ItemDecision] = []
+        for p, d in zip(batch.predictions, decisions, strict=True):
+            if p.synthetic:
+                # Written by a model: never accepted without a person.
+                state, reason = "review", "synthetic"
+            elif d.kind is DecisionKind.AUTO:
+                state, reason = "auto", "confident"
+            elif d.kind is DecisionKind.AUDIT:
+                state, reason = "review", "audit"
+            else:
+                state, reason = "review", "warmup" if model.threshold is None else "uncertain"
+            rows.append(repo.ItemDecision(p.item_id, state, reason, d.label, d.confidence, d.priority))
+        new_items = [
+            repo.NewItem(
+                item_id=p.item_id,
+                external_id=p.external_id,
+                text=p.text,
+                synthetic=p.synthetic,
+                embedding=X[i],
+                zero_shot=list(p.probs),
+                model_id=batch.model_id,
+            )
+            for i, p in enumerate(batch.predictions)
+        ]
+        async with self._pool.acquire() as conn, conn.transaction():
+            fresh = await repo.insert_new(conn, project.project_id, new_items, rows)
+            todo = [(p, r) for p, r in zip(batch.predictions, rows, strict=True) if p.item_id in fresh]
+            tasks = [
+                self._task(project, p.item_id, p.external_id, p.text, r, p.synthetic)
+                for p, r in todo
+                if r.state == "review"
+            ]
+            finals = [
+                self._final(project, p.item_id, r.label, r.confidence, model.version)
+                for p, r in todo
+                if r.state == "auto"
+            ]
+            await repo.publish(conn, self._outgoing(project.project_id, f"new:{msg_id}", tasks, finals, []))
+        self._relay.notify()
+        for _, r in todo:
+            DECISIONS.labels(r.reason).inc()
+
+    # -- human labels --------------------------------------------------------------------------
+
+    async def on_human_labels(self, delivery: Delivery) -> None:
+        batch = delivery.message
+        assert isinstance(batch, labels_pb2.HumanLabelBatch)
+        if not batch.labels:
+            return
+        project = await self._projects.get(batch.project_id)
+        names = project.label_names
+        unknown = [lb.label for lb in batch.labels if lb.label not in names]
+        if unknown:
+            raise PermanentError(f"labels {sorted(set(unknown))} are not in project {project.project_id!r}")
+        async with self._lock(project.project_id):
+            model = await self._model(project)
+            async with self._pool.acquire() as conn, conn.transaction():
+                new = await repo.record_human_labels(
+                    conn, [(lb.item_id, names.index(lb.label), lb.annotator_id) for lb in batch.labels]
+                )
+            if new:
+                model.add_labels(np.vstack([e for _, e, _ in new]), np.array([y for _, _, y in new]))
+                self._dirty.setdefault(project.project_id, time.monotonic())
+                self._wake.set()
+
+    # -- refit and re-score --------------------------------------------------------------------
+
+    async def refit_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            now = time.monotonic()
+            for project_id, since in list(self._dirty.items()):
+                model = self._models.get(project_id)
+                if model is None:
+                    self._dirty.pop(project_id, None)
+                    continue
+                due = model.pending_labels >= self._settings.refit_every
+                if due or now - since >= self._settings.refit_seconds:
+                    self._dirty.pop(project_id, None)
+                    await self.refit(project_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.25)
+
+    async def refit(self, project_id: str) -> None:
+        async with self._lock(project_id):
+            model = self._models[project_id]
+            model.refit()
+            REFITS.inc()
+            THRESHOLD.set(model.threshold or 0.0)
+            ESTIMATED.set(model.estimated_accuracy)
+            async with self._pool.acquire() as conn:
+                waiting = await repo.waiting_for_people(conn, project_id)
+            result = model.rescore(np.vstack([w.embedding for w in waiting]) if waiting else np.zeros((0, 1)))
+            project = model.project
+            async with self._pool.acquire() as conn, conn.transaction():
+                await repo.save_model_state(
+                    conn, project_id, model.refits, model.threshold, model.estimated_accuracy
+                )
+                accepted_ids = await repo.accept_waiting(
+                    conn,
+                    [(waiting[row].item_id, label, conf) for row, label, conf in result.accept],
+                    model.version,
+                )
+                finals = [
+                    self._final(project, waiting[row].item_id, label, conf, model.version)
+                    for row, label, conf in result.accept
+                    if waiting[row].item_id in accepted_ids
+                ]
+                await repo.update_priorities(
+                    conn, [(waiting[row].item_id, prio) for row, prio in result.reprioritize]
+                )
+                # Re-ranking carries no text: the task exists in review already (see ReviewTask).
+                tasks = [
+                    tasks_pb2.ReviewTask(
+                        item_id=waiting[row].item_id, project_id=project_id, priority=prio, reason="uncertain"
+                    )
+                    for row, prio in result.reprioritize
+                ]
+                await repo.publish(
+                    conn,
+                    self._outgoing(
+                        project_id, f"refit:{project_id}:{model.refits}", tasks, finals, sorted(accepted_ids)
+                    ),
+                )
+            self._relay.notify()
+            WITHDRAWN.inc(len(accepted_ids))
+            DECISIONS.labels("rescored").inc(len(accepted_ids))
+            if accepted_ids or model.refits % 10 == 0:
+                log.info(
+                    "refit %s #%d: %d labels, threshold %s, %d waiting, %d auto-accepted",
+                    project_id,
+                    model.refits,
+                    model.n_labels,
+                    None if model.threshold is None else round(model.threshold, 4),
+                    len(waiting),
+                    len(accepted_ids),
+                )
+
+    # -- messages ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _task(
+        project: ProjectSpec, item_id: str, external_id: str, text: str, r: repo.ItemDecision, synthetic: bool
+    ) -> tasks_pb2.ReviewTask:
+        return tasks_pb2.ReviewTask(
+            item_id=item_id,
+            project_id=project.project_id,
+            external_id=external_id,
+            text=text,
+            priority=r.priority if not synthetic else 1.0,
+            reason=r.reason,
+            suggested_label=project.labels[r.label].name,
+            confidence=r.confidence,
+            synthetic=synthetic,
+        )
+
+    @staticmethod
+    def _final(
+        project: ProjectSpec, item_id: str, label: int, confidence: float, version: str
+    ) -> labels_pb2.FinalLabel:
+        return labels_pb2.FinalLabel(
+            item_id=item_id,
+            label=project.labels[label].name,
+            source=labels_pb2.LABEL_SOURCE_AUTO,
+            confidence=confidence,
+            model_version=version,
+            finalized_unix_ms=_now_ms(),
+        )
+
+    def _outgoing(
+        self,
+        project_id: str,
+        key: str,
+        tasks: Sequence[tasks_pb2.ReviewTask],
+        finals: Sequence[labels_pb2.FinalLabel],
+        withdrawn: Sequence[str],
+    ) -> list[Outgoing]:
+        size = self._settings.publish_batch_items
+        out: list[Outgoing] = []
+        # Withdrawals first: review sees them before anything else this change causes.
+        for i, ids in enumerate(_chunks(withdrawn, 1000)):
+            out.append(
+                Outgoing(
+                    f"withdraw:{key}:{i}",
+                    tasks_pb2.TaskWithdrawalBatch(batch_id=f"{key}:{i}", project_id=project_id, item_ids=ids),
+                )
+            )
+        for i, part in enumerate(_chunks(tasks, size)):
+            out.append(
+                Outgoing(
+                    f"tasks:{key}:{i}",
+                    tasks_pb2.ReviewTaskBatch(batch_id=f"{key}:{i}", project_id=project_id, tasks=part),
+                )
+            )
+        for i, fpart in enumerate(_chunks(finals, 500)):
+            out.append(
+                Outgoing(
+                    f"final:{key}:{i}",
+                    labels_pb2.FinalLabelBatch(batch_id=f"{key}:{i}", project_id=project_id, labels=fpart),
+                )
+            )
+        return out
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    async def stats(self, project_id: str) -> stats_pb2.ScorerStats:
+        async with self._pool.acquire() as conn:
+            c = await repo.counts(conn, project_id)
+        model = self._models.get(project_id)
+        out = stats_pb2.ScorerStats(
+            predicted=c.predicted,
+            auto_accepted=c.auto,
+            in_review=c.in_review,
+            human_labeled=c.human,
+            audits=c.audits,
+            withdrawn=c.withdrawn,
+            audited=c.audited,
+        )
+        if c.audited:
+            out.audit_accuracy = c.audit_correct / c.audited
+            out.audit_accuracy_low = wilson_lower_bound(c.audit_correct, c.audited, 1.96)
+            out.audit_accuracy_high = 1.0 - wilson_lower_bound(c.audited - c.audit_correct, c.audited, 1.96)
+        if model is not None:
+            out.refits = model.refits
+            out.threshold = model.threshold or 0.0
+            out.auto_accepting = model.threshold is not None
+            out.estimated_auto_accuracy = model.estimated_accuracy
+            out.target_accuracy = model.config.target_accuracy
+            out.model_version = model.version
+        return out
+
+
+class ScorerStatsServicer(stats_pb2_grpc.StatsServiceServicer):
+    def __init__(self, scorer: Scorer) -> None:
+        self._scorer = scorer
+
+    async def GetProjectStats(
+        self, request: stats_pb2.GetProjectStatsRequest, context: Context
+    ) -> stats_pb2.ProjectStats:
+        return stats_pb2.ProjectStats(
+            project_id=request.project_id, scorer=await self._scorer.stats(request.project_id)
+        )

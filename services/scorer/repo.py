@@ -1,0 +1,217 @@
+"""SQL of the scorer (schema `scorer`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import numpy as np
+
+from services.common.bus.outbox import Outgoing, enqueue
+
+SCHEMA = "scorer"
+
+
+@dataclass(frozen=True)
+class NewItem:
+    item_id: str
+    external_id: str
+    text: str
+    synthetic: bool
+    embedding: np.ndarray
+    zero_shot: list[float]
+    model_id: str
+
+
+@dataclass(frozen=True)
+class ItemDecision:
+    item_id: str
+    state: str
+    reason: str
+    label: int
+    confidence: float
+    priority: float
+
+
+@dataclass(frozen=True)
+class Waiting:
+    item_id: str
+    external_id: str
+    text: str
+    embedding: np.ndarray
+
+
+def _vec(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.float32)
+
+
+async def load_label_space(conn: asyncpg.Connection, project_id: str) -> np.ndarray | None:
+    row = await conn.fetchrow(
+        "SELECT label_embeddings, n_labels, dim FROM scorer.projects WHERE project_id = $1", project_id
+    )
+    if row is None:
+        return None
+    return _vec(row["label_embeddings"]).reshape(row["n_labels"], row["dim"])
+
+
+async def save_label_space(conn: asyncpg.Connection, project_id: str, model_id: str, emb: np.ndarray) -> None:
+    await conn.execute(
+        "INSERT INTO scorer.projects (project_id, model_id, label_embeddings, n_labels, dim)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (project_id) DO NOTHING",
+        project_id,
+        model_id,
+        np.ascontiguousarray(emb, dtype=np.float32).tobytes(),
+        emb.shape[0],
+        emb.shape[1],
+    )
+
+
+async def save_model_state(
+    conn: asyncpg.Connection, project_id: str, refits: int, threshold: float | None, accuracy: float
+) -> None:
+    await conn.execute(
+        "UPDATE scorer.projects SET refits = $2, threshold = $3, estimated_accuracy = $4, updated_at = now()"
+        " WHERE project_id = $1",
+        project_id,
+        refits,
+        threshold,
+        accuracy,
+    )
+
+
+async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = await conn.fetch(
+        "SELECT embedding, human_label FROM scorer.items WHERE project_id = $1 AND human_label IS NOT NULL"
+        " ORDER BY labeled_at, item_id",
+        project_id,
+    )
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    X = np.vstack([_vec(r["embedding"]) for r in rows])
+    y = np.array([r["human_label"] for r in rows], dtype=np.int64)
+    return X, y
+
+
+async def insert_new(
+    conn: asyncpg.Connection, project_id: str, items: Sequence[NewItem], decisions: Sequence[ItemDecision]
+) -> set[str]:
+    """Insert predicted items with their decisions; returns the ids that were new (idempotency)."""
+    rows = await conn.fetch(
+        "INSERT INTO scorer.items (item_id, project_id, external_id, text, synthetic, embedding, zero_shot,"
+        " state, reason, predicted_label, confidence, priority, model_id)"
+        " SELECT u.id, u.project, u.ext, u.txt, u.syn, u.emb, u.zs::real[], u.state, u.reason, u.label, u.conf,"
+        " u.prio, u.model FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::boolean[],"
+        " $6::bytea[], $7::text[], $8::text[], $9::text[], $10::int[], $11::real[], $12::real[], $13::text[])"
+        " AS u(id, project, ext, txt, syn, emb, zs, state, reason, label, conf, prio, model)"
+        " ON CONFLICT (item_id) DO NOTHING RETURNING item_id",
+        [it.item_id for it in items],
+        [project_id] * len(items),
+        [it.external_id for it in items],
+        [it.text for it in items],
+        [it.synthetic for it in items],
+        [np.ascontiguousarray(it.embedding, dtype=np.float32).tobytes() for it in items],
+        # real[][] via unnest would flatten; the distribution goes through text and is cast back below.
+        ["{" + ",".join(f"{p:.6g}" for p in it.zero_shot) + "}" for it in items],
+        [d.state for d in decisions],
+        [d.reason for d in decisions],
+        [d.label for d in decisions],
+        [d.confidence for d in decisions],
+        [d.priority for d in decisions],
+        [it.model_id for it in items],
+    )
+    return {str(r["item_id"]) for r in rows}
+
+
+async def existing_ids(conn: asyncpg.Connection, item_ids: Sequence[str]) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT item_id FROM scorer.items WHERE item_id = ANY($1::uuid[])", list(item_ids)
+    )
+    return {str(r["item_id"]) for r in rows}
+
+
+async def record_human_labels(
+    conn: asyncpg.Connection, labels: Sequence[tuple[str, int, str]]
+) -> list[tuple[str, np.ndarray, int]]:
+    """Store human labels once; returns (item_id, embedding, label) for the ones that were new."""
+    rows = await conn.fetch(
+        "UPDATE scorer.items i SET human_label = l.label, annotator_id = l.annotator, state = 'human',"
+        " labeled_at = now()"
+        " FROM unnest($1::uuid[], $2::int[], $3::text[]) AS l(item_id, label, annotator)"
+        " WHERE i.item_id = l.item_id AND i.human_label IS NULL"
+        " RETURNING i.item_id, i.embedding, i.human_label",
+        [x[0] for x in labels],
+        [x[1] for x in labels],
+        [x[2] for x in labels],
+    )
+    return [(str(r["item_id"]), _vec(r["embedding"]), r["human_label"]) for r in rows]
+
+
+async def waiting_for_people(conn: asyncpg.Connection, project_id: str) -> list[Waiting]:
+    """Items in review that a refit may still decide: not audits, not synthetic."""
+    rows = await conn.fetch(
+        "SELECT item_id, external_id, text, embedding FROM scorer.items"
+        " WHERE project_id = $1 AND state = 'review' AND reason NOT IN ('audit', 'synthetic')",
+        project_id,
+    )
+    return [Waiting(str(r["item_id"]), r["external_id"], r["text"], _vec(r["embedding"])) for r in rows]
+
+
+async def accept_waiting(
+    conn: asyncpg.Connection, accepted: Sequence[tuple[str, int, float]], model_id: str
+) -> set[str]:
+    """Auto-accept waiting items; returns those still waiting at this moment (a human label may have won)."""
+    rows = await conn.fetch(
+        "UPDATE scorer.items i SET state = 'auto', reason = 'rescored', withdrawn = true,"
+        " predicted_label = a.label, confidence = a.confidence, model_id = $4, decided_at = now()"
+        " FROM unnest($1::uuid[], $2::int[], $3::real[]) AS a(item_id, label, confidence)"
+        " WHERE i.item_id = a.item_id AND i.state = 'review'"
+        " RETURNING i.item_id",
+        [a[0] for a in accepted],
+        [a[1] for a in accepted],
+        [a[2] for a in accepted],
+        model_id,
+    )
+    return {str(r["item_id"]) for r in rows}
+
+
+async def update_priorities(conn: asyncpg.Connection, changes: Sequence[tuple[str, float]]) -> None:
+    await conn.execute(
+        "UPDATE scorer.items i SET priority = c.priority FROM unnest($1::uuid[], $2::real[]) AS c(item_id, priority)"
+        " WHERE i.item_id = c.item_id AND i.state = 'review'",
+        [c[0] for c in changes],
+        [c[1] for c in changes],
+    )
+
+
+async def publish(conn: asyncpg.Connection, outgoing: Sequence[Outgoing]) -> None:
+    await enqueue(conn, SCHEMA, outgoing)
+
+
+@dataclass(frozen=True)
+class Counts:
+    predicted: int
+    auto: int
+    in_review: int
+    human: int
+    audits: int
+    withdrawn: int
+    audited: int
+    audit_correct: int
+
+
+async def counts(conn: asyncpg.Connection, project_id: str) -> Counts:
+    row = await conn.fetchrow(
+        "SELECT count(*) AS predicted,"
+        " count(*) FILTER (WHERE state = 'auto') AS auto,"
+        " count(*) FILTER (WHERE state = 'review') AS in_review,"
+        " count(*) FILTER (WHERE state = 'human') AS human,"
+        " count(*) FILTER (WHERE reason = 'audit') AS audits,"
+        " count(*) FILTER (WHERE withdrawn) AS withdrawn,"
+        " count(*) FILTER (WHERE reason = 'audit' AND human_label IS NOT NULL) AS audited,"
+        " count(*) FILTER (WHERE reason = 'audit' AND human_label = predicted_label) AS audit_correct"
+        " FROM scorer.items WHERE project_id = $1",
+        project_id,
+    )
+    assert row is not None
+    return Counts(**dict(row))

@@ -1,0 +1,114 @@
+"""The scorer's per-project model: pure domain code over the policy, no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from services.common.projects import ProjectSpec
+from services.scorer.policy import (
+    CentroidClassifier,
+    Decision,
+    PolicyConfig,
+    calibrate,
+    confidence_of,
+    decide,
+    margin,
+)
+
+
+def unit_draw(item_id: str, salt: str = "audit") -> float:
+    """A uniform draw in [0, 1) fixed by the item id, so a redelivered item gets the same decision."""
+    digest = hashlib.sha256(f"{salt}:{item_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+@dataclass
+class Rescored:
+    """What a refit changes for items still waiting for people."""
+
+    accept: list[tuple[int, int, float]] = field(default_factory=list)  # (row, label, confidence)
+    reprioritize: list[tuple[int, float]] = field(default_factory=list)  # (row, new priority)
+
+
+class ProjectModel:
+    """Class centroids refit on every human label, with an auto-accept threshold calibrated on them."""
+
+    def __init__(self, project: ProjectSpec, label_embeddings: np.ndarray, base: PolicyConfig) -> None:
+        self.project = project
+        self.config = replace(
+            base,
+            target_accuracy=project.target_accuracy or base.target_accuracy,
+            audit_rate=project.audit_rate if project.audit_rate > 0 else base.audit_rate,
+        )
+        self.label_embeddings = np.asarray(label_embeddings, dtype=np.float32)
+        self.classifier = CentroidClassifier(self.label_embeddings, self.config)
+        self.X = np.zeros((0, self.label_embeddings.shape[1]), dtype=np.float32)
+        self.y = np.zeros(0, dtype=np.int64)
+        self.threshold: float | None = None
+        self.estimated_accuracy = 0.0  # leave-one-out accuracy above the threshold
+        self.refits = 0
+        self.pending_labels = 0
+
+    @property
+    def version(self) -> str:
+        return f"centroid-r{self.refits}-n{len(self.y)}"
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.y)
+
+    def add_labels(self, X: np.ndarray, y: np.ndarray) -> None:
+        if len(y) == 0:
+            return
+        self.X = np.vstack([self.X, np.asarray(X, dtype=np.float32)])
+        self.y = np.concatenate([self.y, np.asarray(y, dtype=np.int64)])
+        self.pending_labels += len(y)
+
+    def refit(self) -> None:
+        """Refit on every human label and choose the threshold from leave-one-out predictions."""
+        if self.n_labels == 0:
+            self.threshold = None
+            self.estimated_accuracy = 0.0
+        else:
+            self.threshold = calibrate(self.classifier, self.X, self.y, self.config)
+            self.estimated_accuracy = self._accuracy_above_threshold()
+        self.refits += 1
+        self.pending_labels = 0
+
+    def _accuracy_above_threshold(self) -> float:
+        if self.threshold is None or self.classifier.n_fitted == 0:
+            return 0.0
+        oof = self.classifier.oof_proba()
+        above = confidence_of(oof) >= self.threshold
+        if not above.any():
+            return 0.0
+        return float((oof.argmax(axis=1)[above] == self.y[above]).mean())
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        if self.classifier.n_fitted == 0:
+            # No label yet: centroids are the label descriptions alone.
+            self.classifier.fit(np.zeros((0, self.X.shape[1]), dtype=np.float32), np.zeros(0, dtype=np.int64))
+        return self.classifier.predict_proba(np.asarray(X, dtype=np.float32))
+
+    def decide(self, X: np.ndarray, item_ids: list[str]) -> list[Decision]:
+        draws = np.array([unit_draw(i) for i in item_ids], dtype=np.float64)
+        return decide(self.predict_proba(X), self.threshold, draws, self.config)
+
+    def rescore(self, X: np.ndarray) -> Rescored:
+        """Items waiting for people: accept those that now clear the threshold, re-rank the rest."""
+        out = Rescored()
+        if len(X) == 0:
+            return out
+        probs = self.predict_proba(X)
+        conf = confidence_of(probs)
+        labels = probs.argmax(axis=1)
+        priority = 1.0 - margin(probs)
+        for row in range(len(X)):
+            if self.threshold is not None and conf[row] >= self.threshold:
+                out.accept.append((row, int(labels[row]), float(conf[row])))
+            elif self.threshold is not None:
+                out.reprioritize.append((row, float(priority[row])))
+        return out

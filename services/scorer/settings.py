@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+from services.scorer.policy import PolicyConfig
+
+_DEFAULTS = PolicyConfig()
+
+
+class ScorerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_SCORER_", extra="ignore")
+
+    grpc_port: int = Field(default=50053, ge=0, le=65535)
+    http_port: int = Field(default=8083, ge=0, le=65535)
+    # Refit after this many new human labels, or after refit_seconds when any arrived.
+    refit_every: int = Field(default=10, ge=1)
+    refit_seconds: float = Field(default=2.0, gt=0)
+    min_human_labels: int = Field(default=_DEFAULTS.min_human_labels, ge=1)
+    min_support: int = Field(default=_DEFAULTS.min_support, ge=1)
+    z: float = Field(default=_DEFAULTS.z, ge=0)
+    annotator_error: float = Field(default=_DEFAULTS.annotator_error, ge=0, lt=0.5)
+    publish_batch_items: int = Field(default=64, ge=1)
+
+    def policy(self) -> PolicyConfig:
+        return PolicyConfig(
+            min_human_labels=self.min_human_labels,
+            min_support=self.min_support,
+            z=self.z,
+            annotator_error=self.annotator_error,
+        )
