@@ -44,7 +44,7 @@ async def upsert_final_labels(
     await conn.execute(
         "INSERT INTO export.final_labels (item_id, project_id, label, source, source_rank, confidence,"
         " model_version, annotator_ids, finalized_at)"
-        " SELECT u.id, $2, u.label, u.source, u.rnk, u.conf, u.model, string_to_array(u.annotators, ','), u.ts"
+        " SELECT u.id, $2, u.label, u.source, u.rnk, u.conf, u.model, coalesce(string_to_array(u.annotators, ','), '{}'), u.ts"
         " FROM unnest($1::uuid[], $3::text[], $4::text[], $5::smallint[], $6::real[], $7::text[], $8::text[],"
         " $9::timestamptz[]) AS u(id, label, source, rnk, conf, model, annotators, ts)"
         " ON CONFLICT (item_id) DO UPDATE SET label = EXCLUDED.label, source = EXCLUDED.source,"

@@ -60,13 +60,16 @@ async def stream_count(js: JetStreamContext, stream: str) -> int:
     return int(info.state.messages)
 
 
-async def settled(js: JetStreamContext, spec: ConsumerSpec = SPEC) -> ConsumerInfo:
-    """Wait until the consumer has nothing pending nor awaiting an ack, and return its info."""
+async def settled(js: JetStreamContext, through: int, spec: ConsumerSpec = SPEC) -> ConsumerInfo:
+    """Wait until every message up to stream sequence `through` is acked or terminated."""
     infos: list[ConsumerInfo] = []
 
     async def check() -> bool:
-        infos.append(await js.consumer_info(spec.stream, spec.name))
-        return infos[-1].num_pending == 0 and infos[-1].num_ack_pending == 0
+        info = await js.consumer_info(spec.stream, spec.name)
+        infos.append(info)
+        # The ack floor, not num_pending: right after a publish the consumer may not count it yet.
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        return floor >= through and info.num_pending == 0 and info.num_ack_pending == 0
 
     await eventually(check)
     return infos[-1]
@@ -172,7 +175,7 @@ async def test_success_is_acked(harness: Harness) -> None:
     harness.start(ok)
     await harness.publish(batch("b1").SerializeToString())
 
-    info = await settled(harness.js)
+    info = await settled(harness.js, through=1)
     assert info.delivered is not None
     assert info.delivered.stream_seq == 1
     [delivery] = harness.seen
@@ -192,7 +195,7 @@ async def test_undecodable_payload_is_dead_lettered_and_the_worker_goes_on(harne
     await harness.publish(batch("b2").SerializeToString())
 
     await eventually(lambda: _has_seen(harness, 1))
-    await settled(harness.js)
+    await settled(harness.js, through=2)
     assert [d.message for d in harness.seen] == [batch("b2")]
     dead = await harness.js.get_last_msg("TANDEM_DLQ", dlq_subject(SPEC.name))
     assert dead.data == b"\xff\xff\xff not a protobuf"
@@ -216,7 +219,7 @@ async def test_retryable_error_is_redelivered(harness: Harness) -> None:
     await harness.publish(batch("b3").SerializeToString())
 
     await eventually(lambda: _has_seen(harness, 2))
-    await settled(harness.js)
+    await settled(harness.js, through=1)
     assert [d.num_delivered for d in harness.seen] == [1, 2]
     assert len({d.msg_id for d in harness.seen}) == 1
     assert await dead_letters(harness.js) == 0
@@ -231,7 +234,7 @@ async def test_failing_until_max_deliver_is_dead_lettered(harness: Harness, erro
     await harness.publish(batch("b4").SerializeToString())
 
     await eventually(lambda: _dead_letter_count_is(harness.js, 1))
-    await settled(harness.js)
+    await settled(harness.js, through=1)
     assert [d.num_delivered for d in harness.seen] == [1, 2]
     dead = await harness.js.get_last_msg("TANDEM_DLQ", dlq_subject(SPEC.name))
     assert dead.headers is not None
@@ -251,7 +254,7 @@ async def test_permanent_error_is_dead_lettered_at_once(harness: Harness) -> Non
     await harness.publish(batch("b5").SerializeToString())
 
     await eventually(lambda: _dead_letter_count_is(harness.js, 1))
-    await settled(harness.js)
+    await settled(harness.js, through=1)
     assert len(harness.seen) == 1
     dead = await harness.js.get_last_msg("TANDEM_DLQ", dlq_subject(SPEC.name))
     assert dead.headers is not None
@@ -275,7 +278,7 @@ async def test_fatal_error_stops_the_worker_and_leaves_the_message(harness: Harn
         return None
 
     harness.start(ok)
-    await settled(harness.js)
+    await settled(harness.js, through=1)
     assert [d.num_delivered for d in harness.seen] == [1, 2]
 
 
@@ -338,6 +341,36 @@ async def test_outbox_relay_loop_publishes_on_notify(pool: asyncpg.Pool, js: Jet
         relay.notify()
         await eventually(lambda: _stream_has(js, "TANDEM_ITEMS", 1), within=5)
         assert await outbox_rows(pool) == 0
+    finally:
+        stop.set()
+        relay.notify()
+        await asyncio.wait_for(task, 5)
+
+
+class CommitDuringFirstPass(OutboxRelay):
+    """Another transaction commits and notifies while the relay's first pass is running."""
+
+    first = True
+
+    async def publish_pending(self, limit: int = 500) -> int:
+        published = await super().publish_pending(limit)
+        if self.first:
+            self.first = False
+            async with self._pool.acquire() as conn, conn.transaction():
+                await enqueue(conn, "t", [Outgoing("ingest:late", batch("late"))])
+            self.notify()
+        return published
+
+
+async def test_outbox_relay_keeps_a_notify_that_arrives_during_a_pass(
+    pool: asyncpg.Pool, js: JetStreamContext
+) -> None:
+    await apply_topology(js)
+    relay = CommitDuringFirstPass(pool, js, "t", sweep_seconds=60.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await eventually(lambda: _stream_has(js, "TANDEM_ITEMS", 1), within=5)
     finally:
         stop.set()
         relay.notify()

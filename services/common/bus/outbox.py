@@ -57,12 +57,14 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            # Cleared before the pass, not after: a notify() from a commit the pass did not see
+            # must wake the next one instead of waiting out the sweep.
+            self._wake.clear()
             try:
                 while await self.publish_pending() > 0:
                     pass
             except Exception:
                 log.exception("outbox relay pass failed; retrying")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._sweep_seconds)
         await self.publish_pending()  # flush what the drain committed

@@ -99,7 +99,8 @@ class Worker:
             while not self._stopping.is_set():
                 try:
                     msgs = await sub.fetch(self._fetch_batch, timeout=self._fetch_timeout)
-                except NatsTimeoutError:
+                except (NatsTimeoutError, TimeoutError):
+                    # nats-py raises either, depending on the batch size.
                     continue
                 self._idle.clear()
                 try:

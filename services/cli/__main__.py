@@ -1,0 +1,175 @@
+"""The `tandem` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.cli import commands
+from services.cli.client import Clients
+from services.cli.commands import console
+from services.cli.demo import DemoOptions, run_demo
+from services.cli.files import InputError
+from services.cli.stack import Stack, StackError
+from services.cli.targets import resolve_targets, write_targets
+from services.cli.workforce import WorkforceConfig
+
+DEFAULT_STATE = Path(".state")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tandem", description="LLMs and people labeling data in tandem.")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="where `up` keeps servers and logs")
+    for name in ("ingest", "review", "export", "scorer"):
+        p.add_argument(f"--{name}", metavar="HOST:PORT", help=f"{name} service address")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run nats-server, PostgreSQL and the five services until Ctrl-C")
+    up.add_argument("--nats-url", help="use this NATS server instead of starting one")
+    up.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
+
+    demo = sub.add_parser("demo", help="the BBC News demo: the whole loop, then a report")
+    demo.add_argument("--annotators", type=int, default=6)
+    demo.add_argument("--seconds-per-item", type=float, default=0.4)
+    demo.add_argument("--error-rate", type=float, default=0.02)
+    demo.add_argument("--target-accuracy", type=float, default=0.95)
+    demo.add_argument("--limit", type=int, default=0, help="only the first N articles")
+    demo.add_argument("--nats-url")
+    demo.add_argument("--database-url")
+
+    project = sub.add_parser("project", help="create or list projects")
+    psub = project.add_subparsers(dest="project_command", required=True)
+    create = psub.add_parser("create", help="create a project from a YAML or JSON file")
+    create.add_argument("file", type=Path)
+    psub.add_parser("list", help="list projects")
+
+    ingest = sub.add_parser("ingest", help="submit a JSONL or CSV file of items")
+    ingest.add_argument("file", type=Path)
+    ingest.add_argument("--project", required=True)
+    ingest.add_argument("--text-field", default="text")
+    ingest.add_argument("--id-field", default="id")
+
+    sim = sub.add_parser("simulate", help="simulated annotators answering from a gold-labeled file")
+    sim.add_argument("--project", required=True)
+    sim.add_argument("--gold", type=Path, required=True, help="JSONL/CSV with id and label")
+    sim.add_argument("--annotators", type=int, default=4)
+    sim.add_argument("--error-rate", type=float, default=0.02)
+    sim.add_argument("--seconds-per-item", type=float, default=0.25)
+    sim.add_argument("--seed", type=int, default=7)
+    sim.add_argument("--max-seconds", type=float, default=3600.0)
+
+    st = sub.add_parser("status", help="live counts, throughput and estimated accuracy")
+    st.add_argument("--project", required=True)
+    st.add_argument("--watch", action="store_true")
+
+    ex = sub.add_parser("export", help="export final labels as JSONL")
+    ex.add_argument("--project", required=True)
+    ex.add_argument("-o", "--output", type=Path)
+    return p
+
+
+def _up(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with console.status("starting nats-server, PostgreSQL and the five services…"):
+        stack = Stack(args.state_dir, nats_url=args.nats_url, database_url=args.database_url).start()
+    try:
+        path = write_targets(args.state_dir, stack.targets)
+        console.print(f"[bold green]Tandem is up.[/] NATS {stack.nats_url}")
+        for name, target in stack.targets.items():
+            console.print(
+                f"  {name:<10} gRPC {target}   http://127.0.0.1:{stack.processes[name].http_port}/metrics"
+            )
+        console.print(
+            f"addresses written to {path}; logs in {args.state_dir / 'logs'}. Ctrl-C stops everything."
+        )
+        while not stop.wait(1.0):
+            for proc in stack.processes.values():
+                if not proc.running:
+                    console.print(f"[red]{proc.name} exited; see {proc.log_path}[/]")
+                    return 1
+        return 0
+    finally:
+        with console.status("stopping…"):
+            stack.stop()
+        (args.state_dir / "targets.json").unlink(missing_ok=True)
+        console.print("stopped.")
+
+
+async def _with_clients(args: argparse.Namespace) -> int:
+    overrides = {n: getattr(args, n, None) for n in ("ingest", "review", "export", "scorer")}
+    async with Clients(resolve_targets(args.state_dir, overrides)) as clients:
+        work: Coroutine[Any, Any, Any]
+        if args.command == "project" and args.project_command == "create":
+            work = commands.create_project(clients, args.file)
+        elif args.command == "project":
+            work = commands.list_projects(clients)
+        elif args.command == "ingest":
+            work = commands.ingest_file(clients, args.project, args.file, args.text_field, args.id_field)
+        elif args.command == "simulate":
+            config = WorkforceConfig(
+                project_id=args.project,
+                annotators=args.annotators,
+                error_rate=args.error_rate,
+                seconds_per_item=args.seconds_per_item,
+                seed=args.seed,
+            )
+            work = commands.simulate(clients, config, args.gold, args.max_seconds)
+        elif args.command == "status":
+            work = commands.status(clients, args.project, args.watch)
+        else:
+            info, path = await commands.export(clients, args.project, args.output)
+            console.print(f"exported {info.rows:,} rows ({info.pending:,} items still pending) to {path}")
+            return 0
+        await work
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (CI, `timeout`, a supervisor) unwinds like Ctrl-C so the stack is always stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            sys.exit(_up(args))
+        if args.command == "demo":
+            options = DemoOptions(
+                state_dir=args.state_dir / "demo",
+                annotators=args.annotators,
+                seconds_per_item=args.seconds_per_item,
+                error_rate=args.error_rate,
+                target_accuracy=args.target_accuracy,
+                limit=args.limit,
+                nats_url=args.nats_url,
+                database_url=args.database_url,
+            )
+            asyncio.run(run_demo(options))
+            sys.exit(0)
+        sys.exit(asyncio.run(_with_clients(args)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except grpc.aio.AioRpcError as exc:
+        console.print(f"[red]error:[/] {commands.describe_rpc_error(exc)}")
+        sys.exit(1)
+    except (InputError, StackError, TimeoutError, RuntimeError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

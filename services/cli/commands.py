@@ -1,0 +1,168 @@
+"""The `tandem` commands other than `up` and `demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.cli.client import Clients
+from services.cli.files import Record, load_project, read_records
+from services.cli.views import stats_table
+from services.cli.workforce import Workforce, WorkforceConfig
+from services.gen.tandem.export.v1 import export_pb2
+from services.gen.tandem.ingest.v1 import ingest_pb2
+from services.gen.tandem.projects.v1 import projects_pb2
+
+console = Console()
+
+
+async def create_project(clients: Clients, path: Path) -> projects_pb2.Project:
+    project = await clients.ingest.CreateProject(
+        ingest_pb2.CreateProjectRequest(project=load_project(path)), timeout=30
+    )
+    console.print(
+        f"project [bold]{project.project_id}[/]: {len(project.labels)} labels, "
+        f"target accuracy {project.target_accuracy:.2f}, audit rate {project.audit_rate:.2f}"
+    )
+    return project
+
+
+async def list_projects(clients: Clients) -> None:
+    response = await clients.ingest.ListProjects(ingest_pb2.ListProjectsRequest(), timeout=30)
+    if not response.projects:
+        console.print("no projects yet: create one with `tandem project create FILE`")
+    for p in response.projects:
+        console.print(f"{p.project_id}\t{len(p.labels)} labels\ttarget {p.target_accuracy:.2f}\t{p.name}")
+
+
+def _request(project_id: str, records: Iterable[Record]) -> ingest_pb2.SubmitBatchRequest:
+    return ingest_pb2.SubmitBatchRequest(
+        project_id=project_id,
+        items=[
+            ingest_pb2.RawItem(external_id=r.external_id, text=r.text, metadata=r.metadata) for r in records
+        ],
+    )
+
+
+async def ingest_records(
+    clients: Clients, project_id: str, records: list[Record], *, batch: int = 250, quiet: bool = False
+) -> ingest_pb2.BulkSubmitResponse:
+    """Streams the records through BulkSubmit with a progress bar; returns the summary."""
+    progress = Progress(
+        TextColumn("ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )
+    task = progress.add_task("ingest", total=len(records))
+
+    async def requests() -> AsyncIterator[ingest_pb2.SubmitBatchRequest]:
+        for start in range(0, len(records), batch):
+            chunk = records[start : start + batch]
+            yield _request(project_id, chunk)
+            progress.advance(task, len(chunk))
+
+    with progress:
+        response: ingest_pb2.BulkSubmitResponse = await clients.ingest.BulkSubmit(requests(), timeout=3600)
+    return response
+
+
+def print_ingest_summary(response: ingest_pb2.BulkSubmitResponse) -> None:
+    console.print(
+        f"accepted {response.accepted:,}, duplicates {response.duplicates:,}, rejected {response.rejected:,}"
+    )
+    for r in response.rejections[:10]:
+        console.print(f"  [red]rejected[/] {r.external_id}: {r.reason}")
+    if len(response.rejections) > 10:
+        console.print(f"  … and {response.rejected - 10:,} more")
+
+
+async def ingest_file(clients: Clients, project_id: str, path: Path, text_field: str, id_field: str) -> None:
+    records = list(read_records(path, text_field=text_field, id_field=id_field))
+    print_ingest_summary(await ingest_records(clients, project_id, records))
+
+
+def load_gold(path: Path, id_field: str = "id", label_field: str = "label") -> dict[str, str]:
+    return {
+        r.external_id: r.label
+        for r in read_records(path, id_field=id_field, label_field=label_field)
+        if r.label
+    }
+
+
+async def project_complete(clients: Clients, project_id: str) -> bool:
+    s = await clients.stats(project_id)
+    return s.ingest.items > 0 and s.export.finalized >= s.ingest.items
+
+
+async def simulate(clients: Clients, config: WorkforceConfig, gold_path: Path, max_seconds: float) -> None:
+    gold = load_gold(gold_path)
+    workforce = Workforce(clients, gold, config)
+    stop = asyncio.Event()
+    started = time.monotonic()
+
+    async def done() -> bool:
+        if time.monotonic() - started > max_seconds:
+            return True
+        return await project_complete(clients, config.project_id)
+
+    with Live(console=console, refresh_per_second=2) as live:
+
+        async def refresh() -> None:
+            while not stop.is_set():
+                live.update(stats_table(await clients.stats(config.project_id), time.monotonic() - started))
+                await asyncio.sleep(1.0)
+
+        refresher = asyncio.create_task(refresh())
+        try:
+            stats = await workforce.run(done, stop)
+        finally:
+            stop.set()
+            await asyncio.gather(refresher, return_exceptions=True)
+    console.print(
+        f"{stats.submitted:,} labels submitted by {config.annotators} simulated annotators "
+        f"({stats.wrong_on_purpose} wrong on purpose, {stats.no_gold} without gold, {stats.refused} refused)"
+    )
+
+
+async def status(clients: Clients, project_id: str, watch: bool) -> None:
+    if not watch:
+        console.print(stats_table(await clients.stats(project_id)))
+        return
+    with Live(console=console, refresh_per_second=2) as live:
+        while True:
+            live.update(stats_table(await clients.stats(project_id)))
+            await asyncio.sleep(1.0)
+
+
+async def export(clients: Clients, project_id: str, out: Path | None) -> tuple[export_pb2.ExportInfo, Path]:
+    info = await clients.export.CreateExport(
+        export_pb2.CreateExportRequest(project_id=project_id), timeout=600
+    )
+    path = out or Path("exports") / f"{project_id}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with path.open("wb") as fh:
+        async for chunk in clients.export.StreamExport(
+            export_pb2.StreamExportRequest(export_id=info.export_id), timeout=3600
+        ):
+            fh.write(chunk.jsonl)
+            written += chunk.jsonl.count(b"\n")
+    if written != info.rows:
+        raise RuntimeError(f"export {info.export_id}: expected {info.rows} rows, received {written}")
+    return info, path
+
+
+def describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return "cannot reach the service: is the stack running (`tandem up`)? " + (exc.details() or "")
+    return f"{exc.code().name}: {exc.details()}"

@@ -1,0 +1,56 @@
+"""Rich renderings of project stats for `tandem status` and the demo."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from services.gen.tandem.stats.v1 import stats_pb2
+
+
+def pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def stats_table(s: stats_pb2.ProjectStats, elapsed: float | None = None) -> Table:
+    table = Table(title=f"project {s.project_id}", show_header=True, header_style="bold")
+    table.add_column("stage")
+    table.add_column("figures")
+    items = s.ingest.items
+    table.add_row(
+        "ingest", f"{items:,} items, {s.ingest.duplicates:,} duplicates, {s.ingest.rejected:,} rejected"
+    )
+    sc = s.scorer
+    table.add_row(
+        "labeler + scorer",
+        f"{sc.predicted:,} pre-labeled ({pct(sc.predicted, items)}); auto-accepted {sc.auto_accepted:,}, "
+        f"waiting for people {sc.in_review:,}, labeled by people {sc.human_labeled:,}, "
+        f"withdrawn after refit {sc.withdrawn:,}",
+    )
+    threshold = f"{sc.threshold:.3f}" if sc.auto_accepting else "not yet (collecting human labels)"
+    table.add_row(
+        "model",
+        f"{sc.model_version or '-'}; {sc.refits} refits; auto-accept threshold {threshold}; "
+        f"target accuracy {sc.target_accuracy:.2f}; estimated accuracy above threshold "
+        f"{sc.estimated_auto_accuracy:.3f}",
+    )
+    if sc.audited:
+        table.add_row(
+            "audit of auto-accepts",
+            f"{sc.audit_accuracy:.3f} on {sc.audited} audited items "
+            f"(95% interval {sc.audit_accuracy_low:.3f}–{sc.audit_accuracy_high:.3f})",
+        )
+    rv = s.review
+    table.add_row(
+        "review",
+        f"open {rv.open:,}, leased {rv.leased:,}, done {rv.done:,}, withdrawn {rv.withdrawn:,}; "
+        f"{rv.annotators} annotators, {rv.mean_seconds_per_label:.2f} s per label",
+    )
+    ex = s.export
+    by_source = ", ".join(f"{k} {v:,}" for k, v in sorted(ex.by_source.items())) or "-"
+    line = f"{ex.finalized:,} of {ex.items:,} final ({pct(ex.finalized, ex.items)}): {by_source}"
+    if elapsed:
+        line += f"; {ex.finalized / elapsed:.1f} items/s"
+    table.add_row("final labels", line)
+    human = ex.by_source.get("human", 0)
+    table.add_row("human share", pct(human, ex.finalized))
+    return table

@@ -1,0 +1,119 @@
+"""Simulated annotators: they answer review tasks from gold labels, with a set error rate and speed.
+
+This is the benchmark workforce: it talks to the real review service over gRPC exactly like a
+person's tool would (lease, answer, submit), so the loop is measured end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.cli.client import Clients
+from services.gen.tandem.review.v1 import review_pb2
+
+
+@dataclass(frozen=True)
+class WorkforceConfig:
+    project_id: str
+    annotators: int = 4
+    error_rate: float = 0.02
+    seconds_per_item: float = 0.25
+    seed: int = 7
+    idle_poll_seconds: float = 0.2
+
+
+@dataclass
+class WorkforceStats:
+    submitted: int = 0
+    wrong_on_purpose: int = 0
+    no_gold: int = 0
+    refused: int = 0
+    seconds_busy: float = 0.0
+    by_annotator: dict[str, int] = field(default_factory=dict)
+
+
+Done = Callable[[], Awaitable[bool]]
+
+
+class Workforce:
+    def __init__(self, clients: Clients, gold: dict[str, str], config: WorkforceConfig) -> None:
+        self._clients = clients
+        self._gold = gold
+        self._config = config
+        self.stats = WorkforceStats()
+
+    async def run(self, done: Done, stop: asyncio.Event | None = None) -> WorkforceStats:
+        """Annotate until `done()` says the project needs nobody any more (or `stop` is set)."""
+        stop = stop or asyncio.Event()
+        finished = asyncio.Event()
+
+        async def watch() -> None:
+            while not stop.is_set() and not finished.is_set():
+                if await done():
+                    finished.set()
+                    return
+                await asyncio.sleep(0.5)
+
+        watcher = asyncio.create_task(watch())
+        workers = [
+            asyncio.create_task(self._annotator(f"sim-{i + 1:02d}", i, finished, stop))
+            for i in range(self._config.annotators)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        return self.stats
+
+    async def _annotator(self, name: str, index: int, finished: asyncio.Event, stop: asyncio.Event) -> None:
+        rng = random.Random(self._config.seed * 1000 + index)
+        cfg = self._config
+        while not finished.is_set() and not stop.is_set():
+            try:
+                task = await self._clients.review.NextTask(
+                    review_pb2.NextTaskRequest(project_id=cfg.project_id, annotator_id=name), timeout=10
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                await asyncio.sleep(cfg.idle_poll_seconds)
+                continue
+            label = self._answer(task, rng)
+            if cfg.seconds_per_item > 0:
+                await asyncio.sleep(cfg.seconds_per_item)
+            try:
+                await self._clients.review.SubmitLabel(
+                    review_pb2.SubmitLabelRequest(
+                        task_id=task.task_id,
+                        lease_id=task.lease_id,
+                        annotator_id=name,
+                        label=label,
+                        seconds_spent=cfg.seconds_per_item,
+                    ),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                self.stats.refused += 1
+                continue
+            self.stats.submitted += 1
+            self.stats.seconds_busy += cfg.seconds_per_item
+            self.stats.by_annotator[name] = self.stats.by_annotator.get(name, 0) + 1
+
+    def _answer(self, task: review_pb2.Task, rng: random.Random) -> str:
+        truth = self._gold.get(task.external_id)
+        labels = list(task.labels)
+        if truth is None or truth not in labels:
+            self.stats.no_gold += 1
+            return task.suggested_label or labels[0]
+        if rng.random() < self._config.error_rate:
+            self.stats.wrong_on_purpose += 1
+            return rng.choice([lb for lb in labels if lb != truth])
+        return truth

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import pytest
+
+from services.common.projects import LabelSpec, ProjectSpec
+from services.ingest.service import (
+    InvalidProject,
+    Limits,
+    RawItem,
+    chunk,
+    content_hash,
+    screen,
+    validate_project,
+)
+
+LIMITS = Limits(max_text_bytes=100, max_metadata_keys=2, max_metadata_value_chars=10)
+
+
+def raw(text: bytes, project: str = "p", ext: str = "x", **meta: str) -> RawItem:
+    return RawItem(external_id=ext, text=text, metadata=dict(meta), synthetic=False, project_id=project)
+
+
+def test_screen_keeps_good_items_and_explains_each_rejection() -> None:
+    items = [
+        raw(b"fine text", ext="a"),
+        raw(b"\xff\xfe", ext="b"),
+        raw(b" \n\t ", ext="c"),
+        raw(b"y" * 101, ext="d"),
+        raw(b"ok", project="other", ext="e"),
+        raw(b"nul\x00inside", ext="f"),
+        raw(b"meta", ext="g", k1="v", k2="v", k3="v"),
+        raw(b"long meta", ext="h", k="v" * 11),
+        raw(b"second fine", ext="i"),
+    ]
+    out = screen(items, {"p"}, LIMITS)
+    assert [v.external_id for v in out.valid] == ["a", "i"]
+    assert [v.index for v in out.valid] == [0, 8]
+    reasons = {r.external_id: r.reason for r in out.rejected}
+    assert reasons["b"] == "text is not valid UTF-8 (byte 0xff at offset 0)"
+    assert reasons["c"] == "text is empty"
+    assert reasons["d"] == "text is 101 bytes; the limit is 100"
+    assert reasons["e"] == "unknown project 'other'"
+    assert reasons["f"] == "text contains a NUL character"
+    assert reasons["g"] == "metadata has 3 keys; the limit is 2"
+    assert "longer than 10" in reasons["h"]
+
+
+def test_rejections_keep_the_raw_bytes() -> None:
+    out = screen([raw(b"\xc3(")], {"p"}, LIMITS)
+    assert out.rejected[0].raw == b"\xc3("
+
+
+def test_content_hash_ignores_unicode_form_and_whitespace() -> None:
+    assert content_hash("caf\u00e9  au\nlait ") == content_hash("cafe\u0301 au lait")
+    assert content_hash("a b") != content_hash("ab")
+
+
+def test_chunk_bounds_count_and_bytes() -> None:
+    items = screen([raw(b"z" * 50, ext=str(i)) for i in range(10)], {"p"}, LIMITS).valid
+    by_count = list(chunk(items, max_items=4, max_bytes=10**6))
+    assert [len(c) for c in by_count] == [4, 4, 2]
+    by_bytes = list(chunk(items, max_items=100, max_bytes=700))
+    assert all(len(c) == 2 for c in by_bytes)
+    assert sum(len(c) for c in by_bytes) == 10
+
+
+def spec(**kw: object) -> ProjectSpec:
+    base: dict[str, object] = {
+        "project_id": "news",
+        "name": "",
+        "labels": (LabelSpec("a", "A"), LabelSpec("b", "B")),
+        "instructions": "",
+        "target_accuracy": 0.0,
+        "audit_rate": 0.0,
+    }
+    base.update(kw)
+    return ProjectSpec(**base)  # type: ignore[arg-type]
+
+
+def test_project_defaults_are_filled() -> None:
+    p = validate_project(spec())
+    assert p.target_accuracy == 0.95 and p.audit_rate == 0.03 and p.name == "news"
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"project_id": "Bad Id"}, "project_id"),
+        ({"labels": (LabelSpec("a", ""),)}, "at least two"),
+        ({"labels": (LabelSpec("a", ""), LabelSpec("a", ""))}, "unique"),
+        ({"target_accuracy": 1.0}, "target_accuracy"),
+        ({"audit_rate": 0.9}, "audit_rate"),
+    ],
+)
+def test_invalid_projects_are_refused(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidProject, match=message):
+        validate_project(spec(**kw))

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import numpy as np
+
+from services.common.projects import LabelSpec, ProjectSpec
+from services.scorer.policy import DecisionKind, PolicyConfig
+from services.scorer.service import ProjectModel, unit_draw
+
+RNG = np.random.default_rng(3)
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def _world(
+    k: int = 3, d: int = 16, n: int = 300, noise: float = 0.35
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    centers = _unit(RNG.normal(size=(k, d)))
+    y = RNG.integers(0, k, size=n)
+    X = _unit(centers[y] + noise * RNG.normal(size=(n, d)))
+    return centers, X, y
+
+
+PROJECT = ProjectSpec("p", "p", tuple(LabelSpec(c, c) for c in "abc"), "", 0.9, 0.0)
+CONFIG = PolicyConfig(min_human_labels=20, min_support=10, z=1.0, annotator_error=0.0)
+
+
+def test_nothing_is_auto_accepted_before_enough_human_labels() -> None:
+    centers, X, y = _world()
+    model = ProjectModel(PROJECT, centers, CONFIG)
+    model.add_labels(X[:10], y[:10])
+    model.refit()
+    assert model.threshold is None
+    assert all(d.kind is DecisionKind.REVIEW for d in model.decide(X[10:60], [str(i) for i in range(50)]))
+
+
+def test_threshold_appears_with_labels_and_auto_accepts_are_accurate() -> None:
+    centers, X, y = _world()
+    model = ProjectModel(PROJECT, centers, CONFIG)
+    model.add_labels(X[:120], y[:120])
+    model.refit()
+    assert model.threshold is not None
+    decisions = model.decide(X[120:], [str(i) for i in range(len(X) - 120)])
+    auto = [i for i, d in enumerate(decisions) if d.kind is DecisionKind.AUTO]
+    assert auto, "a separable world must allow some auto-accepts"
+    accuracy = np.mean([decisions[i].label == y[120 + i] for i in auto])
+    assert accuracy >= 0.9
+
+
+def test_rescore_accepts_waiting_items_once_the_model_is_sure() -> None:
+    centers, X, y = _world(noise=0.2)
+    model = ProjectModel(PROJECT, centers, CONFIG)
+    waiting = X[200:260]
+    before = model.rescore(waiting)
+    assert not before.accept and not before.reprioritize  # no threshold yet: leave them alone
+    model.add_labels(X[:150], y[:150])
+    model.refit()
+    after = model.rescore(waiting)
+    assert len(after.accept) + len(after.reprioritize) == len(waiting)
+    assert len(after.accept) > len(waiting) // 2
+    assert all(0.0 <= p <= 1.0 for _, p in after.reprioritize)
+
+
+def test_project_settings_override_the_defaults() -> None:
+    centers, _, _ = _world()
+    custom = ProjectSpec("p", "p", PROJECT.labels, "", 0.99, 0.1)
+    model = ProjectModel(custom, centers, CONFIG)
+    assert model.config.target_accuracy == 0.99 and model.config.audit_rate == 0.1
+
+
+def test_unit_draw_is_stable_and_uniform() -> None:
+    assert unit_draw("item-1") == unit_draw("item-1")
+    draws = np.array([unit_draw(str(i)) for i in range(4000)])
+    assert draws.min() >= 0.0 and draws.max() < 1.0
+    assert abs(draws.mean() - 0.5) < 0.02
