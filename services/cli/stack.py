@@ -8,6 +8,7 @@ a unix socket in its data directory.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -118,6 +119,9 @@ class LocalNats:
             self._proc = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
+        # Its own session keeps it out of the terminal's Ctrl-C, so it needs this if the owner
+        # exits without calling stop().
+        atexit.register(self.stop)
         try:
             self._url = self._wait_ready()
         except BaseException:
@@ -146,6 +150,7 @@ class LocalNats:
         )
 
     def stop(self, timeout: float = 10.0) -> None:
+        atexit.unregister(self.stop)
         if self._proc is not None:
             _stop_process(self._proc, timeout)
         self._url = None
@@ -327,6 +332,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        atexit.register(self.terminate)
         log.info(
             "started %s (pid %d, grpc %d, http %d)", self.name, self._proc.pid, self.grpc_port, self.http_port
         )
@@ -352,6 +358,7 @@ class ServiceProcess:
 
     def terminate(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (the service drains), SIGKILL if it has not exited within `timeout`."""
+        atexit.unregister(self.terminate)
         if self._proc is None:
             return None
         _stop_process(self._proc, timeout)
@@ -360,6 +367,7 @@ class ServiceProcess:
 
     def kill(self) -> None:
         """SIGKILL, no drain: what a crash looks like to the rest of the system."""
+        atexit.unregister(self.terminate)
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
