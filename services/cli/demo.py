@@ -30,6 +30,7 @@ from services.cli.views import stats_table
 from services.cli.workforce import Workforce, WorkforceConfig
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
+from services.gen.tandem.stats.v1 import stats_pb2
 
 PROJECT_ID = "bbc-news"
 
@@ -83,6 +84,18 @@ def score_export(path: Path, gold: dict[str, str], accepted: int, duplicates: in
         items_per_second=len(rows) / seconds if seconds else 0.0,
         seconds=seconds,
         path=path,
+    )
+
+
+def progress_line(s: stats_pb2.ProjectStats, total: int, elapsed: float) -> str:
+    human = s.export.by_source.get("human", 0)
+    return (
+        f"[{elapsed:5.0f}s] pre-labeled {s.scorer.predicted}/{total}, final {s.export.finalized}/{total} "
+        f"(auto {s.export.by_source.get('auto', 0)}, human {human}), waiting for people {s.scorer.in_review}, "
+        f"threshold {s.scorer.threshold:.3f}"
+        if s.scorer.auto_accepting
+        else f"[{elapsed:5.0f}s] pre-labeled {s.scorer.predicted}/{total}, final {s.export.finalized}/{total} "
+        f"(human {human}), collecting human labels before auto-accepting"
     )
 
 
@@ -182,8 +195,13 @@ async def _loop(
     with Live(console=console, refresh_per_second=4) as live:
 
         async def refresh() -> None:
+            last_line = 0.0
             while not stop.is_set():
                 s = await clients.stats(PROJECT_ID)
+                if not console.is_terminal and time.monotonic() - last_line >= 10:
+                    # A log or a pipe gets a plain line now and then instead of a redrawn view.
+                    last_line = time.monotonic()
+                    console.print(progress_line(s, total, last_line - started), soft_wrap=True)
                 progress.update(bars["pre"], completed=s.scorer.predicted)
                 progress.update(bars["final"], completed=s.export.finalized)
                 progress.update(bars["human"], completed=s.export.by_source.get("human", 0))

@@ -34,10 +34,15 @@ def stats_table(s: stats_pb2.ProjectStats, elapsed: float | None = None) -> Tabl
         f"{sc.estimated_auto_accuracy:.3f}",
     )
     if sc.audited:
+        alarm = (
+            "; [red]recent audits miss the target: auto-accept paused, everything audited[/]"
+            if sc.audit_alarm
+            else ""
+        )
         table.add_row(
             "audit of auto-accepts",
             f"{sc.audit_accuracy:.3f} on {sc.audited} audited items "
-            f"(95% interval {sc.audit_accuracy_low:.3f}–{sc.audit_accuracy_high:.3f})",
+            f"(95% interval {sc.audit_accuracy_low:.3f}–{sc.audit_accuracy_high:.3f}){alarm}",
         )
     rv = s.review
     table.add_row(

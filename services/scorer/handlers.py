@@ -25,7 +25,7 @@ from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.gen.tandem.tasks.v1 import tasks_pb2
 from services.scorer import repo
 from services.scorer.policy import DecisionKind, PolicyConfig, wilson_lower_bound
-from services.scorer.service import ProjectModel
+from services.scorer.service import AUDIT_WINDOW, ProjectModel
 from services.scorer.settings import ScorerSettings
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ class Scorer:
                 await repo.save_label_space(conn, project.project_id, model_id, label_embeddings)
                 stored = label_embeddings
             X, y = await repo.load_human_labels(conn, project.project_id)
+            audits = await repo.recent_audits(conn, project.project_id, AUDIT_WINDOW)
         model = ProjectModel(project, stored, self._policy)
+        model.add_audit_results(audits)
         if len(y):
             model.add_labels(X, y)
         model.refit()
@@ -177,7 +179,8 @@ class Scorer:
                     conn, [(lb.item_id, names.index(lb.label), lb.annotator_id) for lb in batch.labels]
                 )
             if new:
-                model.add_labels(np.vstack([e for _, e, _ in new]), np.array([y for _, _, y in new]))
+                model.add_labels(np.vstack([n.embedding for n in new]), np.array([n.label for n in new]))
+                model.add_audit_results(n.label == n.predicted_label for n in new if n.reason == "audit")
                 self._dirty.setdefault(project.project_id, time.monotonic())
                 self._wake.set()
 
@@ -195,7 +198,12 @@ class Scorer:
                 due = model.pending_labels >= self._settings.refit_every
                 if due or now - since >= self._settings.refit_seconds:
                     self._dirty.pop(project_id, None)
-                    await self.refit(project_id)
+                    try:
+                        await self.refit(project_id)
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                        # The database is away: keep the project dirty and try again shortly.
+                        log.warning("refit of %s failed; will retry", project_id, exc_info=True)
+                        self._dirty.setdefault(project_id, time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.25)
 
@@ -345,6 +353,7 @@ class Scorer:
             out.estimated_auto_accuracy = model.estimated_accuracy
             out.target_accuracy = model.config.target_accuracy
             out.model_version = model.version
+            out.audit_alarm = model.audit_alarm
         return out
 
 

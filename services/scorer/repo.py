@@ -130,21 +130,45 @@ async def existing_ids(conn: asyncpg.Connection, item_ids: Sequence[str]) -> set
     return {str(r["item_id"]) for r in rows}
 
 
+@dataclass(frozen=True)
+class Labeled:
+    item_id: str
+    embedding: np.ndarray
+    label: int
+    reason: str
+    predicted_label: int
+
+
 async def record_human_labels(
     conn: asyncpg.Connection, labels: Sequence[tuple[str, int, str]]
-) -> list[tuple[str, np.ndarray, int]]:
-    """Store human labels once; returns (item_id, embedding, label) for the ones that were new."""
+) -> list[Labeled]:
+    """Store human labels once; returns the ones that were new."""
     rows = await conn.fetch(
         "UPDATE scorer.items i SET human_label = l.label, annotator_id = l.annotator, state = 'human',"
         " labeled_at = now()"
         " FROM unnest($1::uuid[], $2::int[], $3::text[]) AS l(item_id, label, annotator)"
         " WHERE i.item_id = l.item_id AND i.human_label IS NULL"
-        " RETURNING i.item_id, i.embedding, i.human_label",
+        " RETURNING i.item_id, i.embedding, i.human_label, i.reason, i.predicted_label",
         [x[0] for x in labels],
         [x[1] for x in labels],
         [x[2] for x in labels],
     )
-    return [(str(r["item_id"]), _vec(r["embedding"]), r["human_label"]) for r in rows]
+    return [
+        Labeled(str(r["item_id"]), _vec(r["embedding"]), r["human_label"], r["reason"], r["predicted_label"])
+        for r in rows
+    ]
+
+
+async def recent_audits(conn: asyncpg.Connection, project_id: str, n: int) -> list[bool]:
+    """Whether people agreed with the most recent audited labels, oldest first."""
+    rows = await conn.fetch(
+        "SELECT human_label = predicted_label AS agreed FROM scorer.items"
+        " WHERE project_id = $1 AND reason = 'audit' AND human_label IS NOT NULL"
+        " ORDER BY labeled_at DESC, item_id LIMIT $2",
+        project_id,
+        n,
+    )
+    return [bool(r["agreed"]) for r in reversed(rows)]
 
 
 async def waiting_for_people(conn: asyncpg.Connection, project_id: str) -> list[Waiting]:

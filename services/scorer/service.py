@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -12,11 +14,19 @@ from services.scorer.policy import (
     CentroidClassifier,
     Decision,
     PolicyConfig,
+    agreement_target,
     calibrate,
     confidence_of,
     decide,
     margin,
+    wilson_lower_bound,
 )
+
+# Audits of auto-accepted labels are the one unbiased check of the threshold. When the recent
+# ones show the target is missed (upper bound below it), every auto-acceptable item is audited
+# until fresh audits under refit models show the target is met again.
+AUDIT_WINDOW = 50
+AUDIT_MIN = 20
 
 
 def unit_draw(item_id: str, salt: str = "audit") -> float:
@@ -51,6 +61,8 @@ class ProjectModel:
         self.estimated_accuracy = 0.0  # leave-one-out accuracy above the threshold
         self.refits = 0
         self.pending_labels = 0
+        self.recent_audits: deque[bool] = deque(maxlen=AUDIT_WINDOW)
+        self.audit_alarm = False
 
     @property
     def version(self) -> str:
@@ -67,6 +79,19 @@ class ProjectModel:
         self.y = np.concatenate([self.y, np.asarray(y, dtype=np.int64)])
         self.pending_labels += len(y)
 
+    def add_audit_results(self, agreed: Iterable[bool]) -> None:
+        """Whether people agreed with audited auto-acceptable labels, oldest first."""
+        self.recent_audits.extend(agreed)
+
+    def _audits_miss_target(self) -> bool:
+        n = len(self.recent_audits)
+        if n < AUDIT_MIN:
+            return False
+        agreed = sum(self.recent_audits)
+        upper = 1.0 - wilson_lower_bound(n - agreed, n, self.config.z)
+        k = self.label_embeddings.shape[0]
+        return upper < agreement_target(self.config.target_accuracy, self.config.annotator_error, k)
+
     def refit(self) -> None:
         """Refit on every human label and choose the threshold from leave-one-out predictions."""
         if self.n_labels == 0:
@@ -75,6 +100,7 @@ class ProjectModel:
         else:
             self.threshold = calibrate(self.classifier, self.X, self.y, self.config)
             self.estimated_accuracy = self._accuracy_above_threshold()
+        self.audit_alarm = self._audits_miss_target()
         self.refits += 1
         self.pending_labels = 0
 
@@ -95,7 +121,8 @@ class ProjectModel:
 
     def decide(self, X: np.ndarray, item_ids: list[str]) -> list[Decision]:
         draws = np.array([unit_draw(i) for i in item_ids], dtype=np.float64)
-        return decide(self.predict_proba(X), self.threshold, draws, self.config)
+        config = replace(self.config, audit_rate=1.0) if self.audit_alarm else self.config
+        return decide(self.predict_proba(X), self.threshold, draws, config)
 
     def rescore(self, X: np.ndarray) -> Rescored:
         """Items waiting for people: accept those that now clear the threshold, re-rank the rest."""
@@ -107,7 +134,7 @@ class ProjectModel:
         labels = probs.argmax(axis=1)
         priority = 1.0 - margin(probs)
         for row in range(len(X)):
-            if self.threshold is not None and conf[row] >= self.threshold:
+            if self.threshold is not None and not self.audit_alarm and conf[row] >= self.threshold:
                 out.accept.append((row, int(labels[row]), float(conf[row])))
             elif self.threshold is not None:
                 out.reprioritize.append((row, float(priority[row])))

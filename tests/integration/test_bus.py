@@ -299,6 +299,10 @@ async def outbox_rows(pool: asyncpg.Pool) -> int:
     return int(await pool.fetchval("SELECT count(*) FROM t.outbox"))
 
 
+async def _outbox_empty(pool: asyncpg.Pool) -> bool:
+    return await outbox_rows(pool) == 0
+
+
 async def test_outbox_publishes_committed_rows_once(pool: asyncpg.Pool, js: JetStreamContext) -> None:
     await apply_topology(js)
     committed = [Outgoing("ingest:b1", batch("b1")), Outgoing("ingest:b2", batch("b2"))]
@@ -340,7 +344,8 @@ async def test_outbox_relay_loop_publishes_on_notify(pool: asyncpg.Pool, js: Jet
             await enqueue(conn, "t", [Outgoing("ingest:n1", batch("n1"))])
         relay.notify()
         await eventually(lambda: _stream_has(js, "TANDEM_ITEMS", 1), within=5)
-        assert await outbox_rows(pool) == 0
+        # The row is deleted in the same transaction, which commits just after the publish acks.
+        await eventually(lambda: _outbox_empty(pool), within=5)
     finally:
         stop.set()
         relay.notify()

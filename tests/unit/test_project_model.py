@@ -75,3 +75,33 @@ def test_unit_draw_is_stable_and_uniform() -> None:
     draws = np.array([unit_draw(str(i)) for i in range(4000)])
     assert draws.min() >= 0.0 and draws.max() < 1.0
     assert abs(draws.mean() - 0.5) < 0.02
+
+
+def test_failed_audits_send_every_auto_acceptable_item_to_people() -> None:
+    centers, X, y = _world(noise=0.2)
+    model = ProjectModel(PROJECT, centers, CONFIG)
+    model.add_labels(X[:150], y[:150])
+    model.refit()
+    ids = [str(i) for i in range(150, 300)]
+    assert any(d.kind is DecisionKind.AUTO for d in model.decide(X[150:], ids))
+
+    model.add_audit_results([True] * 12 + [False] * 13)  # people disagree with half the audited labels
+    model.refit()
+    assert model.audit_alarm
+    decisions = model.decide(X[150:], ids)
+    assert not any(d.kind is DecisionKind.AUTO for d in decisions)
+    assert any(d.kind is DecisionKind.AUDIT for d in decisions)
+    assert not model.rescore(X[150:]).accept
+
+    model.add_audit_results([True] * 50)  # fresh audits agree again
+    model.refit()
+    assert not model.audit_alarm
+
+
+def test_a_few_audit_misses_do_not_raise_the_alarm() -> None:
+    centers, X, y = _world()
+    model = ProjectModel(PROJECT, centers, CONFIG)
+    model.add_labels(X[:150], y[:150])
+    model.add_audit_results([True] * 45 + [False] * 2)
+    model.refit()
+    assert not model.audit_alarm
