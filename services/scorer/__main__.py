@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.common.bus.topology import SCORER_LABELS, SCORER_PREDICTIONS
+from services.common.fewshot import FewShotStore
 from services.common.lifecycle import Runtime, run
 from services.common.projects import ProjectDirectory
 from services.gen.tandem.stats.v1 import stats_pb2_grpc
@@ -16,7 +17,7 @@ def main() -> None:
 
     async def setup(rt: Runtime) -> None:
         relay = rt.add_outbox(SCHEMA)
-        scorer = Scorer(rt.pool, relay, ProjectDirectory(rt.js), settings)
+        scorer = Scorer(rt.pool, relay, ProjectDirectory(rt.js), settings, FewShotStore(rt.js))
         rt.add_worker(SCORER_PREDICTIONS, scorer.on_predictions)
         rt.add_worker(SCORER_LABELS, scorer.on_human_labels)
         rt.add_background(scorer.refit_loop)

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 from services.common.bus.outbox import OutboxRelay, Outgoing
 from services.common.bus.worker import Delivery
 from services.common.errors import PermanentError
+from services.common.fewshot import FewShotSet, FewShotStore, select_demonstrations
 from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory, ProjectSpec
 from services.gen.tandem.labels.v1 import labels_pb2
@@ -51,9 +52,16 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
 
 class Scorer:
     def __init__(
-        self, pool: asyncpg.Pool, relay: OutboxRelay, projects: ProjectDirectory, settings: ScorerSettings
+        self,
+        pool: asyncpg.Pool,
+        relay: OutboxRelay,
+        projects: ProjectDirectory,
+        settings: ScorerSettings,
+        fewshot: FewShotStore | None = None,
     ) -> None:
         self._pool = pool
+        self._fewshot = fewshot
+        self._demo_ids: dict[str, tuple[str, ...]] = {}
         self._relay = relay
         self._projects = projects
         self._settings = settings
@@ -249,6 +257,7 @@ class Scorer:
                     ),
                 )
             self._relay.notify()
+            await self._publish_demonstrations(model)
             WITHDRAWN.inc(len(accepted_ids))
             DECISIONS.labels("rescored").inc(len(accepted_ids))
             if accepted_ids or model.refits % 10 == 0:
@@ -261,6 +270,30 @@ class Scorer:
                     len(waiting),
                     len(accepted_ids),
                 )
+
+    async def _publish_demonstrations(self, model: ProjectModel) -> None:
+        """Few-shot demonstrations for LLM backends, from what people labeled (changed sets only)."""
+        if self._fewshot is None or model.n_labels == 0:
+            return
+        project = model.project
+        try:
+            async with self._pool.acquire() as conn:
+                pool = await repo.labeled_examples(conn, project.project_id, self._settings.fewshot_pool)
+            demos = select_demonstrations(
+                [text for _, text, _ in pool],
+                [project.labels[label].name for _, _, label in pool],
+                per_label=self._settings.fewshot_per_label,
+                max_chars=self._settings.fewshot_max_chars,
+                item_ids=[item_id for item_id, _, _ in pool],
+            )
+            ids = tuple(d.item_id for d in demos)
+            if ids == self._demo_ids.get(project.project_id):
+                return
+            await self._fewshot.put(FewShotSet(project.project_id, model.refits, tuple(demos)))
+            self._demo_ids[project.project_id] = ids
+        except Exception:
+            # Demonstrations improve prompts; their absence must never stop the scorer.
+            log.warning("could not publish demonstrations for %s", project.project_id, exc_info=True)
 
     # -- messages ------------------------------------------------------------------------------
 

@@ -239,3 +239,16 @@ async def counts(conn: asyncpg.Connection, project_id: str) -> Counts:
     )
     assert row is not None
     return Counts(**dict(row))
+
+
+async def labeled_examples(
+    conn: asyncpg.Connection, project_id: str, limit: int
+) -> list[tuple[str, str, int]]:
+    """(item_id, text, label) of recent human-labeled items, the pool few-shot demos come from."""
+    rows = await conn.fetch(
+        "SELECT item_id, text, human_label FROM scorer.items WHERE project_id = $1 AND human_label IS NOT NULL"
+        " ORDER BY labeled_at DESC LIMIT $2",
+        project_id,
+        limit,
+    )
+    return [(str(r["item_id"]), r["text"], r["human_label"]) for r in rows]

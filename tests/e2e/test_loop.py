@@ -16,6 +16,7 @@ from services.cli.client import Clients
 from services.cli.commands import export
 from services.cli.stack import Stack
 from services.cli.workforce import Workforce, WorkforceConfig
+from services.common.fewshot import FewShotStore
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
 from tests.e2e.corpus import LABELS, make_corpus
@@ -138,6 +139,7 @@ async def test_every_item_is_exported_exactly_once_through_faults(stack: Stack, 
         # -- the export holds every accepted item exactly once ----------------------------------
         info, path = await export(clients, PROJECT, tmp_path / "out.jsonl")
         rows = [json.loads(line) for line in path.read_text().splitlines()]
+        by_item = {r["item_id"]: r["id"] for r in rows}
         ids = [r["id"] for r in rows]
         assert len(ids) == len(set(ids)), "an item was exported twice"
         assert set(ids) == set(gold), "exported items differ from ingested items"
@@ -150,6 +152,15 @@ async def test_every_item_is_exported_exactly_once_through_faults(stack: Stack, 
                 assert r["annotator_ids"] and r["label"] == gold[r["id"]]  # error rate 0
         stats = await clients.stats(PROJECT)
         assert stats.scorer.predicted == len(corpus)
+
+        # -- the scorer shares demonstrations from human labels with LLM backends ----------------
+        nc = await nats.connect(stack.nats_url)
+        try:
+            demos = await FewShotStore(nc.jetstream()).get(PROJECT)
+        finally:
+            await nc.close()
+        assert demos is not None and demos.demos
+        assert all(gold[by_item[d.item_id]] == d.label for d in demos.demos)
 
     url = f"http://127.0.0.1:{stack.processes['ingest'].http_port}/metrics"
     metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())

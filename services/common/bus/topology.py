@@ -79,6 +79,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 )
 
 PROJECTS_BUCKET = "tandem_projects"
+FEWSHOT_BUCKET = "tandem_fewshot"
 
 
 def _stream_config(spec: StreamSpec) -> StreamConfig:
@@ -123,4 +124,5 @@ async def apply_topology(js: JetStreamContext) -> None:
         # CONSUMER.CREATE with a name creates the consumer or updates its config.
         await js.add_consumer(consumer.stream, _consumer_config(consumer))
     await js.create_key_value(bucket=PROJECTS_BUCKET, history=1)
+    await js.create_key_value(bucket=FEWSHOT_BUCKET, history=1)
     log.debug("topology applied: %d streams, %d consumers", len(STREAMS), len(CONSUMERS))
