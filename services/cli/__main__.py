@@ -19,6 +19,7 @@ from services.cli.client import Clients
 from services.cli.commands import console
 from services.cli.demo import DemoOptions, run_demo
 from services.cli.files import InputError
+from services.cli.generate import generate_examples
 from services.cli.stack import Stack, StackError
 from services.cli.targets import resolve_targets, write_targets
 from services.cli.workforce import WorkforceConfig
@@ -29,7 +30,7 @@ DEFAULT_STATE = Path(".state")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description="LLMs and people labeling data in tandem.")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="where `up` keeps servers and logs")
-    for name in ("ingest", "review", "export", "scorer"):
+    for name in ("ingest", "inference", "review", "export", "scorer"):
         p.add_argument(f"--{name}", metavar="HOST:PORT", help=f"{name} service address")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -38,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
 
     demo = sub.add_parser("demo", help="the BBC News demo: the whole loop, then a report")
-    demo.add_argument("--annotators", type=int, default=6)
-    demo.add_argument("--seconds-per-item", type=float, default=0.4)
+    demo.add_argument("--annotators", type=int, default=4)
+    demo.add_argument("--seconds-per-item", type=float, default=1.0)
     demo.add_argument("--error-rate", type=float, default=0.02)
     demo.add_argument("--target-accuracy", type=float, default=0.95)
     demo.add_argument("--limit", type=int, default=0, help="only the first N articles")
@@ -70,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="live counts, throughput and estimated accuracy")
     st.add_argument("--project", required=True)
     st.add_argument("--watch", action="store_true")
+
+    gen = sub.add_parser("generate", help="synthetic examples of a label, ingested flagged synthetic")
+    gen.add_argument("--project", required=True)
+    gen.add_argument("--label", required=True)
+    gen.add_argument("--count", type=int, default=10)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: the service's default")
 
     ex = sub.add_parser("export", help="export final labels as JSONL")
     ex.add_argument("--project", required=True)
@@ -107,7 +115,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 async def _with_clients(args: argparse.Namespace) -> int:
-    overrides = {n: getattr(args, n, None) for n in ("ingest", "review", "export", "scorer")}
+    overrides = {n: getattr(args, n, None) for n in ("ingest", "inference", "review", "export", "scorer")}
     async with Clients(resolve_targets(args.state_dir, overrides)) as clients:
         work: Coroutine[Any, Any, Any]
         if args.command == "project" and args.project_command == "create":
@@ -125,6 +133,21 @@ async def _with_clients(args: argparse.Namespace) -> int:
                 seed=args.seed,
             )
             work = commands.simulate(clients, config, args.gold, args.max_seconds)
+        elif args.command == "generate":
+            result = await generate_examples(
+                clients,
+                clients.targets["inference"],
+                project_id=args.project,
+                label=args.label,
+                count=args.count,
+                seed=args.seed,
+                temperature=args.temperature,
+            )
+            console.print(
+                f"{len(result.texts)} examples from {result.model_id}: accepted {result.accepted}, "
+                f"duplicates {result.duplicates}, rejected {result.rejected} (all go to people for review)"
+            )
+            return 0
         elif args.command == "status":
             work = commands.status(clients, args.project, args.watch)
         else:

@@ -38,8 +38,9 @@ PROJECT_ID = "bbc-news"
 @dataclass(frozen=True)
 class DemoOptions:
     state_dir: Path
-    annotators: int = 6
-    seconds_per_item: float = 0.4
+    # People are slower than the labeler (as in life): a queue forms and refits can empty it.
+    annotators: int = 4
+    seconds_per_item: float = 1.0
     error_rate: float = 0.02
     target_accuracy: float = 0.95
     limit: int = 0  # 0 = the whole corpus

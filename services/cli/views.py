@@ -26,6 +26,12 @@ def stats_table(s: stats_pb2.ProjectStats, elapsed: float | None = None) -> Tabl
         f"waiting for people {sc.in_review:,}, labeled by people {sc.human_labeled:,}, "
         f"withdrawn after refit {sc.withdrawn:,}",
     )
+    if sc.human_budget or sc.below_target or sc.control:
+        budget = f"{sc.human_budget:,} items" if sc.human_budget else "unlimited"
+        table.add_row(
+            "budget",
+            f"human budget {budget}; finalized below target {sc.below_target:,}; random control arm {sc.control:,}",
+        )
     threshold = f"{sc.threshold:.3f}" if sc.auto_accepting else "not yet (collecting human labels)"
     table.add_row(
         "model",

@@ -7,6 +7,7 @@ their hot path, nothing to import from its package) through a small time-bounded
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -33,10 +34,22 @@ class ProjectSpec:
     instructions: str
     target_accuracy: float
     audit_rate: float
+    human_budget_items: int = 0
+    human_budget_share: float = 0.0
+    control_rate: float = 0.0
 
     @property
     def label_names(self) -> list[str]:
         return [label.name for label in self.labels]
+
+    def human_budget(self, seen: int) -> int | None:
+        """Items people may label once `seen` items arrived; None when there is no budget."""
+        limits = []
+        if self.human_budget_items > 0:
+            limits.append(self.human_budget_items)
+        if self.human_budget_share > 0:
+            limits.append(math.ceil(self.human_budget_share * seen))
+        return min(limits) if limits else None
 
     def label_index(self, name: str) -> int:
         return self.label_names.index(name)
@@ -50,6 +63,9 @@ class ProjectSpec:
             instructions=p.instructions,
             target_accuracy=p.target_accuracy,
             audit_rate=p.audit_rate,
+            human_budget_items=p.human_budget_items,
+            human_budget_share=p.human_budget_share,
+            control_rate=p.control_rate,
         )
 
     def to_proto(self) -> projects_pb2.Project:
@@ -60,6 +76,9 @@ class ProjectSpec:
             instructions=self.instructions,
             target_accuracy=self.target_accuracy,
             audit_rate=self.audit_rate,
+            human_budget_items=self.human_budget_items,
+            human_budget_share=self.human_budget_share,
+            control_rate=self.control_rate,
         )
 
 

@@ -77,7 +77,8 @@ async def create_snapshot(conn: asyncpg.Connection, project_id: str) -> asyncpg.
         " SELECT $1, i.item_id, jsonb_build_object("
         "  'id', i.external_id, 'item_id', i.item_id, 'text', i.text, 'label', f.label, 'source', f.source,"
         "  'confidence', f.confidence, 'model_version', f.model_version, 'annotator_ids', f.annotator_ids,"
-        "  'synthetic', i.synthetic, 'metadata', i.metadata, 'ingested_at', i.ingested_at,"
+        "  'below_target', f.source = 'model', 'synthetic', i.synthetic, 'metadata', i.metadata,"
+        "  'ingested_at', i.ingested_at,"
         "  'finalized_at', f.finalized_at)"
         " FROM export.items i JOIN export.final_labels f USING (item_id) WHERE i.project_id = $2",
         export_id,

@@ -9,11 +9,12 @@ SOURCE_NAMES = {
     labels_pb2.LABEL_SOURCE_HUMAN: "human",
     labels_pb2.LABEL_SOURCE_CONSENSUS: "consensus",
     labels_pb2.LABEL_SOURCE_GOLD: "gold",
+    labels_pb2.LABEL_SOURCE_MODEL: "model",
 }
 
 # A final label replaces an earlier one only when its source is at least as strong, so a late
 # automatic label never overwrites a person's, whatever order the bus delivers them in.
-SOURCE_RANK = {"auto": 1, "human": 2, "consensus": 3, "gold": 4}
+SOURCE_RANK = {"model": 0, "auto": 1, "human": 2, "consensus": 3, "gold": 4}
 
 
 def source_name(source: labels_pb2.LabelSource.ValueType) -> str:

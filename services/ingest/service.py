@@ -173,6 +173,12 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
     audit = spec.audit_rate or DEFAULT_AUDIT_RATE
     if not 0.0 <= audit <= 0.5:
         raise InvalidProject("audit_rate must be in [0, 0.5]")
+    if spec.human_budget_items < 0:
+        raise InvalidProject("human_budget_items must not be negative")
+    if not 0.0 <= spec.human_budget_share <= 1.0:
+        raise InvalidProject("human_budget_share must be in [0, 1]")
+    if not 0.0 <= spec.control_rate <= 0.5:
+        raise InvalidProject("control_rate must be in [0, 0.5]")
     return ProjectSpec(
         project_id=spec.project_id,
         name=spec.name or spec.project_id,
@@ -182,4 +188,7 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
         instructions=spec.instructions,
         target_accuracy=target,
         audit_rate=audit,
+        human_budget_items=spec.human_budget_items,
+        human_budget_share=spec.human_budget_share,
+        control_rate=spec.control_rate,
     )

@@ -90,8 +90,10 @@ class Scorer:
                 stored = label_embeddings
             X, y = await repo.load_human_labels(conn, project.project_id)
             audits = await repo.recent_audits(conn, project.project_id, AUDIT_WINDOW)
+            seen = await repo.count_items(conn, project.project_id)
         model = ProjectModel(project, stored, self._policy)
         model.add_audit_results(audits)
+        model.seen = seen
         if len(y):
             model.add_labels(X, y)
         model.refit()
@@ -126,18 +128,25 @@ class Scorer:
         X = np.vstack([np.asarray(p.embedding, dtype=np.float32) for p in batch.predictions])
         ids = [p.item_id for p in batch.predictions]
         decisions = model.decide(X, ids)
+        spent = model.budget_spent(extra_seen=len(ids))
         rows: list[repo.ItemDecision] = []
         for p, d in zip(batch.predictions, decisions, strict=True):
+            priority = d.priority
             if p.synthetic:
-                # Written by a model: never accepted without a person.
-                state, reason = "review", "synthetic"
+                # Written by a model: never accepted without a person, budget or not.
+                state, reason, priority = "review", "synthetic", 1.0
+            elif spent and d.kind is not DecisionKind.AUTO:
+                state, reason = "model", "budget"
+            elif model.is_control(p.item_id):
+                # The random arm: people label it whatever the model thinks, served first.
+                state, reason, priority = "review", "control", 1.0
             elif d.kind is DecisionKind.AUTO:
                 state, reason = "auto", "confident"
             elif d.kind is DecisionKind.AUDIT:
                 state, reason = "review", "audit"
             else:
                 state, reason = "review", "warmup" if model.threshold is None else "uncertain"
-            rows.append(repo.ItemDecision(p.item_id, state, reason, d.label, d.confidence, d.priority))
+            rows.append(repo.ItemDecision(p.item_id, state, reason, d.label, d.confidence, priority))
         new_items = [
             repo.NewItem(
                 item_id=p.item_id,
@@ -159,11 +168,14 @@ class Scorer:
                 if r.state == "review"
             ]
             finals = [
-                self._final(project, p.item_id, r.label, r.confidence, model.version)
+                self._final(
+                    project, p.item_id, r.label, r.confidence, model.version, below_target=r.state == "model"
+                )
                 for p, r in todo
-                if r.state == "auto"
+                if r.state in ("auto", "model")
             ]
             await repo.publish(conn, self._outgoing(project.project_id, f"new:{msg_id}", tasks, finals, []))
+        model.seen += len(todo)
         self._relay.notify()
         for _, r in todo:
             DECISIONS.labels(r.reason).inc()
@@ -189,7 +201,11 @@ class Scorer:
             if new:
                 model.add_labels(np.vstack([n.embedding for n in new]), np.array([n.label for n in new]))
                 model.add_audit_results(n.label == n.predicted_label for n in new if n.reason == "audit")
-                self._dirty.setdefault(project.project_id, time.monotonic())
+                if model.budget_spent():
+                    # Stop people at once: the refit finalizes and withdraws what still waits.
+                    self._dirty[project.project_id] = 0.0
+                else:
+                    self._dirty.setdefault(project.project_id, time.monotonic())
                 self._wake.set()
 
     # -- refit and re-score --------------------------------------------------------------------
@@ -222,10 +238,15 @@ class Scorer:
             REFITS.inc()
             THRESHOLD.set(model.threshold or 0.0)
             ESTIMATED.set(model.estimated_accuracy)
+            spent = model.budget_spent()
             async with self._pool.acquire() as conn:
-                waiting = await repo.waiting_for_people(conn, project_id)
-            result = model.rescore(np.vstack([w.embedding for w in waiting]) if waiting else np.zeros((0, 1)))
+                waiting = await repo.waiting_for_people(conn, project_id, all_but_synthetic=spent)
+            X_waiting = np.vstack([w.embedding for w in waiting]) if waiting else np.zeros((0, 1))
             project = model.project
+            if spent:
+                await self._finalize_below_target(model, waiting, X_waiting)
+                return
+            result = model.rescore(X_waiting)
             async with self._pool.acquire() as conn, conn.transaction():
                 await repo.save_model_state(
                     conn, project_id, model.refits, model.threshold, model.estimated_accuracy
@@ -271,6 +292,39 @@ class Scorer:
                     len(accepted_ids),
                 )
 
+    async def _finalize_below_target(
+        self, model: ProjectModel, waiting: list[repo.Waiting], X: np.ndarray
+    ) -> None:
+        """The human budget is spent: what still waits gets the model's label, flagged below target."""
+        if not waiting:
+            return
+        project = model.project
+        decided = [
+            (w.item_id, label, conf) for w, (label, conf) in zip(waiting, model.finalize(X), strict=True)
+        ]
+        async with self._pool.acquire() as conn, conn.transaction():
+            done = await repo.accept_waiting(conn, decided, model.version, state="model", reason="budget")
+            finals = [
+                self._final(project, item_id, label, conf, model.version, below_target=True)
+                for item_id, label, conf in decided
+                if item_id in done
+            ]
+            await repo.publish(
+                conn,
+                self._outgoing(
+                    project.project_id,
+                    f"budget:{project.project_id}:{model.refits}",
+                    [],
+                    finals,
+                    sorted(done),
+                ),
+            )
+        self._relay.notify()
+        DECISIONS.labels("budget").inc(len(done))
+        log.info(
+            "human budget of %s spent: %d waiting items finalized below target", project.project_id, len(done)
+        )
+
     async def _publish_demonstrations(self, model: ProjectModel) -> None:
         """Few-shot demonstrations for LLM backends, from what people labeled (changed sets only)."""
         if self._fewshot is None or model.n_labels == 0:
@@ -315,15 +369,22 @@ class Scorer:
 
     @staticmethod
     def _final(
-        project: ProjectSpec, item_id: str, label: int, confidence: float, version: str
+        project: ProjectSpec,
+        item_id: str,
+        label: int,
+        confidence: float,
+        version: str,
+        *,
+        below_target: bool = False,
     ) -> labels_pb2.FinalLabel:
         return labels_pb2.FinalLabel(
             item_id=item_id,
             label=project.labels[label].name,
-            source=labels_pb2.LABEL_SOURCE_AUTO,
+            source=labels_pb2.LABEL_SOURCE_MODEL if below_target else labels_pb2.LABEL_SOURCE_AUTO,
             confidence=confidence,
             model_version=version,
             finalized_unix_ms=_now_ms(),
+            below_target=below_target,
         )
 
     def _outgoing(
@@ -374,6 +435,8 @@ class Scorer:
             audits=c.audits,
             withdrawn=c.withdrawn,
             audited=c.audited,
+            below_target=c.below_target,
+            control=c.control,
         )
         if c.audited:
             out.audit_accuracy = c.audit_correct / c.audited
@@ -387,6 +450,7 @@ class Scorer:
             out.target_accuracy = model.config.target_accuracy
             out.model_version = model.version
             out.audit_alarm = model.audit_alarm
+            out.human_budget = model.project.human_budget(model.seen) or 0
         return out
 
 

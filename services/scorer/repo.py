@@ -171,22 +171,33 @@ async def recent_audits(conn: asyncpg.Connection, project_id: str, n: int) -> li
     return [bool(r["agreed"]) for r in reversed(rows)]
 
 
-async def waiting_for_people(conn: asyncpg.Connection, project_id: str) -> list[Waiting]:
-    """Items in review that a refit may still decide: not audits, not synthetic."""
+async def waiting_for_people(
+    conn: asyncpg.Connection, project_id: str, *, all_but_synthetic: bool = False
+) -> list[Waiting]:
+    """Items in review that a refit may still decide: not audits, control or synthetic items
+    (their point is that people label them), unless the budget is spent (then all but synthetic)."""
+    excluded = ["synthetic"] if all_but_synthetic else ["audit", "synthetic", "control"]
     rows = await conn.fetch(
         "SELECT item_id, external_id, text, embedding FROM scorer.items"
-        " WHERE project_id = $1 AND state = 'review' AND reason NOT IN ('audit', 'synthetic')",
+        " WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
         project_id,
+        excluded,
     )
     return [Waiting(str(r["item_id"]), r["external_id"], r["text"], _vec(r["embedding"])) for r in rows]
 
 
 async def accept_waiting(
-    conn: asyncpg.Connection, accepted: Sequence[tuple[str, int, float]], model_id: str
+    conn: asyncpg.Connection,
+    accepted: Sequence[tuple[str, int, float]],
+    model_id: str,
+    *,
+    state: str = "auto",
+    reason: str = "rescored",
 ) -> set[str]:
-    """Auto-accept waiting items; returns those still waiting at this moment (a human label may have won)."""
+    """Finalize waiting items with the model's label; returns those that were still waiting at this
+    moment (a human label may have won)."""
     rows = await conn.fetch(
-        "UPDATE scorer.items i SET state = 'auto', reason = 'rescored', withdrawn = true,"
+        "UPDATE scorer.items i SET state = $5, reason = $6, withdrawn = true,"
         " predicted_label = a.label, confidence = a.confidence, model_id = $4, decided_at = now()"
         " FROM unnest($1::uuid[], $2::int[], $3::real[]) AS a(item_id, label, confidence)"
         " WHERE i.item_id = a.item_id AND i.state = 'review'"
@@ -195,8 +206,14 @@ async def accept_waiting(
         [a[1] for a in accepted],
         [a[2] for a in accepted],
         model_id,
+        state,
+        reason,
     )
     return {str(r["item_id"]) for r in rows}
+
+
+async def count_items(conn: asyncpg.Connection, project_id: str) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM scorer.items WHERE project_id = $1", project_id))
 
 
 async def update_priorities(conn: asyncpg.Connection, changes: Sequence[tuple[str, float]]) -> None:
@@ -222,6 +239,8 @@ class Counts:
     withdrawn: int
     audited: int
     audit_correct: int
+    below_target: int
+    control: int
 
 
 async def counts(conn: asyncpg.Connection, project_id: str) -> Counts:
@@ -233,7 +252,9 @@ async def counts(conn: asyncpg.Connection, project_id: str) -> Counts:
         " count(*) FILTER (WHERE reason = 'audit') AS audits,"
         " count(*) FILTER (WHERE withdrawn) AS withdrawn,"
         " count(*) FILTER (WHERE reason = 'audit' AND human_label IS NOT NULL) AS audited,"
-        " count(*) FILTER (WHERE reason = 'audit' AND human_label = predicted_label) AS audit_correct"
+        " count(*) FILTER (WHERE reason = 'audit' AND human_label = predicted_label) AS audit_correct,"
+        " count(*) FILTER (WHERE state = 'model') AS below_target,"
+        " count(*) FILTER (WHERE reason = 'control') AS control"
         " FROM scorer.items WHERE project_id = $1",
         project_id,
     )

@@ -63,6 +63,7 @@ class ProjectModel:
         self.pending_labels = 0
         self.recent_audits: deque[bool] = deque(maxlen=AUDIT_WINDOW)
         self.audit_alarm = False
+        self.seen = 0  # items of the project the scorer has decided
 
     @property
     def version(self) -> str:
@@ -112,6 +113,21 @@ class ProjectModel:
         if not above.any():
             return 0.0
         return float((oof.argmax(axis=1)[above] == self.y[above]).mean())
+
+    def budget_spent(self, extra_seen: int = 0) -> bool:
+        """True when people have labeled as many items as the project's human budget allows."""
+        budget = self.project.human_budget(self.seen + extra_seen)
+        return budget is not None and self.n_labels >= budget
+
+    def is_control(self, item_id: str) -> bool:
+        return self.project.control_rate > 0 and unit_draw(item_id, "control") < self.project.control_rate
+
+    def finalize(self, X: np.ndarray) -> list[tuple[int, float]]:
+        """The model's label and confidence for each row, whatever the threshold."""
+        if len(X) == 0:
+            return []
+        probs = self.predict_proba(X)
+        return list(zip(probs.argmax(axis=1).tolist(), confidence_of(probs).tolist(), strict=True))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         if self.classifier.n_fitted == 0:

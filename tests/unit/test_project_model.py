@@ -105,3 +105,31 @@ def test_a_few_audit_misses_do_not_raise_the_alarm() -> None:
     model.add_audit_results([True] * 45 + [False] * 2)
     model.refit()
     assert not model.audit_alarm
+
+
+def test_human_budget_by_count_and_share() -> None:
+    def with_budget(items: int, share: float) -> ProjectSpec:
+        return ProjectSpec("p", "p", PROJECT.labels, "", 0.9, 0.0, items, share)
+
+    assert with_budget(0, 0.0).human_budget(1000) is None
+    assert with_budget(50, 0.0).human_budget(1000) == 50
+    assert with_budget(0, 0.1).human_budget(1001) == 101
+    assert with_budget(50, 0.1).human_budget(300) == 30  # the tighter limit wins
+
+    centers, X, y = _world()
+    model = ProjectModel(with_budget(20, 0.0), centers, CONFIG)
+    model.seen = 200
+    model.add_labels(X[:19], y[:19])
+    assert not model.budget_spent()
+    model.add_labels(X[19:20], y[19:20])
+    assert model.budget_spent()
+    labels = model.finalize(X[100:110])
+    assert len(labels) == 10 and all(0 <= lbl < 3 and 0.0 < conf <= 1.0 for lbl, conf in labels)
+
+
+def test_control_arm_samples_its_share_at_random() -> None:
+    centers, _, _ = _world()
+    model = ProjectModel(ProjectSpec("p", "p", PROJECT.labels, "", 0.9, 0.0, 0, 0.0, 0.1), centers, CONFIG)
+    share = np.mean([model.is_control(f"item-{i}") for i in range(5000)])
+    assert 0.08 < share < 0.12
+    assert not ProjectModel(PROJECT, centers, CONFIG).is_control("item-1")
