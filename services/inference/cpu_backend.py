@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from services.common.projects import ProjectSpec
-from services.inference.backend import EngineDeadError, Prelabels
+from services.inference.backend import EngineDeadError, GenerationUnsupported, Prelabels
 from services.inference.minilm import MiniLMLabeler, label_texts
 
 
@@ -64,6 +64,14 @@ class CpuBackend:
             embeddings=emb,
             label_embeddings=label_emb,
             prompt_hash=hashlib.sha256(prompt.encode()).hexdigest()[:16],
+        )
+
+    async def generate(
+        self, project: ProjectSpec, label: str, *, count: int, seed: int, temperature: float
+    ) -> list[str]:
+        raise GenerationUnsupported(
+            "the cpu backend cannot generate text; run the inference service with "
+            "TANDEM_INFERENCE_BACKEND=vllm or openai"
         )
 
     async def close(self) -> None:

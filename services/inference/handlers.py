@@ -1,22 +1,28 @@
-"""Bus edge of the inference service: ItemBatch in, PredictionBatch out."""
+"""Edges of the inference service: ItemBatch in, PredictionBatch out (bus); GenerateExamples (gRPC)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
+from collections.abc import Callable
 
+import grpc
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
 
 from services.common.bus.contracts import Subject
 from services.common.bus.worker import Delivery
-from services.common.errors import RetryableError
-from services.common.projects import ProjectDirectory
+from services.common.errors import FatalError, RetryableError, UnknownProject
+from services.common.grpc_context import Context
+from services.common.projects import ProjectDirectory, ProjectSpec
+from services.gen.tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.gen.tandem.items.v1 import items_pb2
 from services.gen.tandem.predictions.v1 import predictions_pb2
-from services.inference.backend import LLMBackend
+from services.inference.backend import BackendRequestError, GenerationUnsupported, LLMBackend
+from services.inference.prompts import generation_messages
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,8 @@ SECONDS = Histogram(
     "Time to pre-label one bus batch.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+GENERATED = Counter("tandem_inference_generated_examples_total", "Synthetic examples written.")
+MAX_GENERATE = 256
 
 
 class PrelabelHandler:
@@ -85,3 +93,62 @@ class PrelabelHandler:
             await asyncio.sleep(self._heartbeat_seconds)
             with contextlib.suppress(Exception):
                 await delivery.heartbeat()
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(
+        self,
+        backend: LLMBackend,
+        projects: ProjectDirectory,
+        *,
+        default_temperature: float,
+        on_fatal: Callable[[BaseException], None],
+    ) -> None:
+        self._backend = backend
+        self._projects = projects
+        self._default_temperature = default_temperature
+        self._on_fatal = on_fatal
+
+    async def GenerateExamples(
+        self, request: inference_pb2.GenerateExamplesRequest, context: Context
+    ) -> inference_pb2.GenerateExamplesResponse:
+        if not request.project_id or not request.label:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project_id and label are required")
+        if not 1 <= request.count <= MAX_GENERATE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count must be 1..{MAX_GENERATE}")
+        try:
+            project = await self._projects.get(request.project_id)
+        except UnknownProject as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if request.label not in project.label_names:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{request.label!r} is not a label of {project.project_id!r} "
+                f"(labels: {', '.join(project.label_names)})",
+            )
+        try:
+            texts = await self._backend.generate(
+                project,
+                request.label,
+                count=request.count,
+                seed=request.seed,
+                temperature=request.temperature or self._default_temperature,
+            )
+        except GenerationUnsupported as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except BackendRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RetryableError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except FatalError as exc:
+            self._on_fatal(exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model engine stopped: {exc}")
+        GENERATED.inc(len(texts))
+        return inference_pb2.GenerateExamplesResponse(
+            texts=texts, model_id=self._backend.model_id, prompt_hash=_generation_hash(project, request.label)
+        )
+
+
+def _generation_hash(project: ProjectSpec, label: str) -> str:
+    messages = generation_messages(project, label)
+    return hashlib.sha256(repr(messages).encode()).hexdigest()[:16]

@@ -177,8 +177,9 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
         raise InvalidProject("human_budget_items must not be negative")
     if not 0.0 <= spec.human_budget_share <= 1.0:
         raise InvalidProject("human_budget_share must be in [0, 1]")
-    if not 0.0 <= spec.control_rate <= 0.5:
-        raise InvalidProject("control_rate must be in [0, 0.5]")
+    if not 0.0 <= spec.control_rate <= 1.0:
+        # 1.0 is the random-review baseline of `tandem bench labeling`.
+        raise InvalidProject("control_rate must be in [0, 1]")
     return ProjectSpec(
         project_id=spec.project_id,
         name=spec.name or spec.project_id,
