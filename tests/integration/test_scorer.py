@@ -1,0 +1,261 @@
+"""The scorer against real servers: warm-up routing, the threshold, auto-accept, margin order,
+re-scoring with withdrawal, and the audit arm. Predictions are published on the bus directly
+(vectors of a synthetic, well separated world) so every decision is the scorer's own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import nats
+import numpy as np
+import pytest
+
+from services.cli.client import Clients
+from services.cli.stack import Stack
+from services.common.bus.contracts import Subject
+from services.gen.tandem.ingest.v1 import ingest_pb2
+from services.gen.tandem.predictions.v1 import predictions_pb2
+from services.gen.tandem.projects.v1 import projects_pb2
+from services.gen.tandem.review.v1 import review_pb2
+from services.gen.tandem.stats.v1 import stats_pb2
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+LABELS = ("red", "green", "blue")
+DIM = 24
+ENV = {
+    "TANDEM_SCORER_MIN_HUMAN_LABELS": "12",
+    "TANDEM_SCORER_MIN_SUPPORT": "8",
+    "TANDEM_SCORER_REFIT_EVERY": "4",
+    "TANDEM_SCORER_REFIT_SECONDS": "0.3",
+    "TANDEM_SCORER_ANNOTATOR_ERROR": "0",
+}
+
+
+class World:
+    """Three well separated classes; `blend` makes items that sit between two of them."""
+
+    def __init__(self, seed: int = 5) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.centers = self._unit(self.rng.normal(size=(len(LABELS), DIM)))
+
+    @staticmethod
+    def _unit(m: np.ndarray) -> np.ndarray:
+        out: np.ndarray = (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
+        return out
+
+    def item(self, label: int, noise: float = 0.15) -> np.ndarray:
+        return self._unit(self.centers[label] + noise * self.rng.normal(size=DIM))
+
+    def blend(self, a: int, b: int, w: float, noise: float = 0.05) -> np.ndarray:
+        return self._unit(w * self.centers[a] + (1 - w) * self.centers[b] + noise * self.rng.normal(size=DIM))
+
+
+@pytest.fixture
+async def env(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterator[tuple[Stack, Clients]]:
+    stack = Stack(
+        tmp_path / "state",
+        nats_url=nats_url,
+        database_url=database_url,
+        services=("ingest", "scorer", "review", "export"),
+        extra_env=ENV,
+    )
+    await asyncio.to_thread(stack.start)
+    try:
+        async with Clients({**stack.targets, "inference": stack.targets["ingest"]}) as clients:
+            yield stack, clients
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+
+async def _project(clients: Clients, name: str, audit_rate: float) -> str:
+    project = projects_pb2.Project(
+        project_id=name,
+        labels=[projects_pb2.LabelDef(name=n, description=n) for n in LABELS],
+        target_accuracy=0.9,
+        audit_rate=audit_rate,
+    )
+    await clients.ingest.CreateProject(ingest_pb2.CreateProjectRequest(project=project), timeout=30)
+    return name
+
+
+async def _predict(stack: Stack, world: World, project: str, items: list[tuple[str, np.ndarray]]) -> None:
+    batch = predictions_pb2.PredictionBatch(
+        batch_id=str(uuid.uuid4()), project_id=project, model_id="synthetic", prompt_hash="-"
+    )
+    batch.label_embeddings.extend(world.centers.ravel().tolist())
+    for item_id, vec in items:
+        p = batch.predictions.add(item_id=item_id, external_id=item_id, text=f"text of {item_id}")
+        p.probs.extend([1 / 3] * 3)
+        p.embedding.extend(vec.tolist())
+    nc = await nats.connect(stack.nats_url)
+    try:
+        await nc.jetstream().publish(str(Subject.PREDICTIONS_PRELABELED), batch.SerializeToString())
+    finally:
+        await nc.close()
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _stats(clients: Clients, project: str) -> stats_pb2.ProjectStats:
+    return await clients.stats(project)
+
+
+async def _label_all(
+    clients: Clients, project: str, truth: dict[str, int], limit: int
+) -> list[review_pb2.Task]:
+    """Answer up to `limit` tasks truthfully, in the order the review service serves them."""
+    served: list[review_pb2.Task] = []
+    while len(served) < limit:
+        try:
+            task = await clients.review.NextTask(
+                review_pb2.NextTaskRequest(project_id=project, annotator_id="ann"), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            break
+        served.append(task)
+        await clients.review.SubmitLabel(
+            review_pb2.SubmitLabelRequest(
+                task_id=task.task_id,
+                lease_id=task.lease_id,
+                annotator_id="ann",
+                label=LABELS[truth[task.external_id]],
+            ),
+            timeout=5,
+        )
+    return served
+
+
+async def test_threshold_routing_rescoring_and_withdrawal(env: tuple[Stack, Clients]) -> None:
+    stack, clients = env
+    world = World()
+    project = await _project(clients, "colors", audit_rate=0.0)
+    truth: dict[str, int] = {}
+
+    # Warm-up: nothing is auto-accepted before enough human labels, however clear the item.
+    warm = []
+    for i in range(30):
+        item_id = str(uuid.uuid4())
+        truth[item_id] = i % 3
+        warm.append((item_id, world.item(i % 3)))
+    await _predict(stack, world, project, warm)
+    await _eventually(lambda: _in_review(clients, project, 30), "30 warm-up tasks")
+    s = await _stats(clients, project)
+    assert s.scorer.auto_accepted == 0 and not s.scorer.auto_accepting
+
+    # Clear items keep waiting in review while people label the first ones.
+    waiting = []
+    for i in range(30):
+        item_id = str(uuid.uuid4())
+        truth[item_id] = i % 3
+        waiting.append((item_id, world.item(i % 3, noise=0.1)))
+    await _predict(stack, world, project, waiting)
+    await _eventually(lambda: _in_review(clients, project, 60), "60 tasks waiting")
+
+    await _label_all(clients, project, truth, limit=16)
+    # The refit sets a threshold and re-scores what waits: clear items are accepted and their
+    # tasks withdrawn from the review queue.
+    await _eventually(lambda: _withdrawn(clients, project), "withdrawn tasks after a refit")
+    s = await _stats(clients, project)
+    assert s.scorer.auto_accepting and 0 < s.scorer.threshold < 1
+    assert s.scorer.withdrawn > 0 and s.review.withdrawn > 0
+    assert s.scorer.auto_accepted == s.scorer.withdrawn
+
+    # New items: the clear one is accepted at once; of the ambiguous ones (between green and
+    # blue, margins growing), those people get are served most ambiguous first.
+    await _label_all(clients, project, truth, limit=1000)  # empty the queue first
+    before = (await _stats(clients, project)).scorer.auto_accepted
+    clear_id = str(uuid.uuid4())
+    truth[clear_id] = 0
+    ambiguous = []
+    for w in (0.5, 0.505, 0.51, 0.515):
+        item_id = str(uuid.uuid4())
+        truth[item_id] = 1
+        ambiguous.append((item_id, world.blend(1, 2, w, noise=0.0)))
+    await _predict(stack, world, project, [(clear_id, world.item(0, noise=0.05)), *reversed(ambiguous)])
+    await _eventually(lambda: _predicted(clients, project, len(truth)), "the new items")
+    s = await _stats(clients, project)
+    await _eventually(lambda: _in_review(clients, project, s.scorer.in_review), "their tasks in review")
+    served = await _label_all(clients, project, truth, limit=1000)
+    served_ids = [t.external_id for t in served]
+    assert clear_id not in served_ids and s.scorer.auto_accepted >= before + 1
+    assert served_ids, "the most ambiguous item must go to people"
+    assert served_ids == [item_id for item_id, _ in ambiguous][: len(served_ids)]
+    assert {t.reason for t in served} == {"uncertain"}
+
+    # Every item ends decided: accepted automatically or labeled by people, nothing left waiting.
+    await _eventually(lambda: _all_decided(clients, project, len(truth)), "every item decided")
+
+
+async def test_audit_arm_sends_a_share_of_confident_items_to_people(env: tuple[Stack, Clients]) -> None:
+    stack, clients = env
+    world = World(seed=9)
+    project = await _project(clients, "audited", audit_rate=0.5)
+    truth: dict[str, int] = {}
+    first = []
+    for i in range(24):
+        item_id = str(uuid.uuid4())
+        truth[item_id] = i % 3
+        first.append((item_id, world.item(i % 3)))
+    await _predict(stack, world, project, first)
+    await _eventually(lambda: _in_review(clients, project, 24), "warm-up tasks")
+    await _label_all(clients, project, truth, limit=24)
+    await _eventually(lambda: _auto_accepting(clients, project), "a threshold")
+
+    before = await _stats(clients, project)
+    confident = []
+    for i in range(60):
+        item_id = str(uuid.uuid4())
+        truth[item_id] = i % 3
+        confident.append((item_id, world.item(i % 3, noise=0.05)))
+    await _predict(stack, world, project, confident)
+    await _eventually(lambda: _predicted(clients, project, len(truth)), "the confident items")
+    s = await _stats(clients, project)
+    # Half of the auto-acceptable items are audited (a deterministic draw per item id).
+    audits = s.scorer.audits - before.scorer.audits
+    assert 15 <= audits <= 45
+    assert s.scorer.auto_accepted - before.scorer.auto_accepted + audits == 60
+    await _eventually(lambda: _in_review(clients, project, audits), "the audit tasks in review")
+    served = await _label_all(clients, project, truth, limit=1000)
+    assert {t.reason for t in served} == {"audit"} and len(served) == audits
+    await _eventually(lambda: _audited(clients, project, s.scorer.audits), "audit results")
+    s = await _stats(clients, project)
+    assert s.scorer.audit_accuracy == 1.0 and s.scorer.audit_accuracy_low > 0.8
+
+
+async def _in_review(clients: Clients, project: str, n: int) -> bool:
+    return (await clients.stats(project)).review.open >= n
+
+
+async def _withdrawn(clients: Clients, project: str) -> bool:
+    return (await clients.stats(project)).review.withdrawn > 0
+
+
+async def _predicted(clients: Clients, project: str, n: int) -> bool:
+    return (await clients.stats(project)).scorer.predicted >= n
+
+
+async def _all_decided(clients: Clients, project: str, n: int) -> bool:
+    s = (await clients.stats(project)).scorer
+    return s.in_review == 0 and s.auto_accepted + s.human_labeled == n
+
+
+async def _auto_accepting(clients: Clients, project: str) -> bool:
+    return (await clients.stats(project)).scorer.auto_accepting
+
+
+async def _audited(clients: Clients, project: str, n: int) -> bool:
+    return (await clients.stats(project)).scorer.audited >= n
