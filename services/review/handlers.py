@@ -72,6 +72,7 @@ class ReviewDesk:
             lease_id=row.lease_id or "",
             lease_expires_unix_ms=int(row.lease_expires_at.timestamp() * 1000) if row.lease_expires_at else 0,
             synthetic=row.synthetic,
+            round=row.round,
         )
 
     def lease_for(self, requested: float) -> float:
@@ -134,13 +135,11 @@ class ReviewDesk:
                     )
                 ],
             )
-            await repo.publish(
-                conn,
-                [
-                    Outgoing(f"annotated:{row.task_id}", human),
-                    Outgoing(f"final:human:{row.task_id}", final),
-                ],
-            )
+            outgoing = [Outgoing(f"annotated:{row.task_id}", human)]
+            if row.round == 0:
+                # A second opinion is settled by the scorer, which knows the first label and the model's.
+                outgoing.append(Outgoing(f"final:human:{row.task_id}", final))
+            await repo.publish(conn, outgoing)
         self._relay.notify()
         LABELS.inc()
         return True

@@ -30,6 +30,7 @@ class TaskRow:
     lease_id: str | None
     lease_owner: str | None
     lease_expires_at: datetime | None
+    round: int
 
     @classmethod
     def of(cls, r: asyncpg.Record) -> TaskRow:
@@ -47,22 +48,28 @@ class TaskRow:
             lease_id=str(r["lease_id"]) if r["lease_id"] else None,
             lease_owner=r["lease_owner"],
             lease_expires_at=r["lease_expires_at"],
+            round=r["round"],
         )
+
+
+def task_id(item_id: str, round_: int) -> str:
+    """Derived from the item (and round), so a redelivered request cannot create a second task."""
+    key = f"task:{item_id}" if round_ == 0 else f"task:{item_id}:{round_}"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, key))
 
 
 async def upsert_tasks(conn: asyncpg.Connection, tasks: Sequence[tasks_pb2.ReviewTask]) -> None:
     full = [t for t in tasks if t.text]
     rerank = [t for t in tasks if not t.text]
     if full:
-        # A task id derived from the item keeps a redelivered request from creating a second task.
         await conn.execute(
             "INSERT INTO review.tasks (task_id, item_id, project_id, external_id, text, suggested_label,"
-            " confidence, reason, priority, synthetic)"
+            " confidence, reason, priority, synthetic, round)"
             " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],"
-            " $7::real[], $8::text[], $9::float8[], $10::boolean[])"
-            " ON CONFLICT (item_id) DO UPDATE SET priority = EXCLUDED.priority, updated_at = now()"
+            " $7::real[], $8::text[], $9::float8[], $10::boolean[], $11::int[])"
+            " ON CONFLICT (item_id, round) DO UPDATE SET priority = EXCLUDED.priority, updated_at = now()"
             " WHERE review.tasks.state = 'open'",
-            [str(uuid.uuid5(uuid.NAMESPACE_URL, f"task:{t.item_id}")) for t in full],
+            [task_id(t.item_id, t.round) for t in full],
             [t.item_id for t in full],
             [t.project_id for t in full],
             [t.external_id for t in full],
@@ -72,6 +79,7 @@ async def upsert_tasks(conn: asyncpg.Connection, tasks: Sequence[tasks_pb2.Revie
             [t.reason for t in full],
             [t.priority for t in full],
             [t.synthetic for t in full],
+            [t.round for t in full],
         )
     if rerank:
         await conn.execute(
@@ -98,8 +106,11 @@ async def claim_next(
 ) -> TaskRow | None:
     row = await conn.fetchrow(
         "WITH next AS ("
-        " SELECT task_id FROM review.tasks WHERE project_id = $1 AND state = 'open'"
-        " ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " SELECT t0.task_id FROM review.tasks t0 WHERE t0.project_id = $1 AND t0.state = 'open'"
+        # A second opinion must come from someone who has not labeled the item before.
+        " AND (t0.round = 0 OR NOT EXISTS (SELECT 1 FROM review.annotations a"
+        "  JOIN review.tasks p ON p.task_id = a.task_id WHERE p.item_id = t0.item_id AND a.annotator_id = $3))"
+        " ORDER BY t0.priority DESC, t0.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
         " UPDATE review.tasks t SET state = 'leased', lease_id = $2, lease_owner = $3,"
         " lease_expires_at = now() + make_interval(secs => $4), updated_at = now()"
         " FROM next WHERE t.task_id = next.task_id RETURNING t.*",

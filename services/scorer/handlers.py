@@ -36,6 +36,10 @@ T = TypeVar("T")
 DECISIONS = Counter("tandem_scorer_decisions_total", "Scorer decisions, by outcome.", ["outcome"])
 REFITS = Counter("tandem_scorer_refits_total", "Model refits.")
 WITHDRAWN = Counter("tandem_scorer_withdrawn_total", "Review tasks withdrawn after a refit.")
+SECOND_OPINIONS = Counter(
+    "tandem_scorer_second_opinions_total", "Human labels sent for a second opinion (confident learning)."
+)
+SECOND_OPINION = "second_opinion"
 THRESHOLD = Gauge("tandem_scorer_auto_threshold", "Auto-accept confidence threshold of the last refit model.")
 ESTIMATED = Gauge(
     "tandem_scorer_estimated_accuracy", "Leave-one-out accuracy above the threshold of the last refit model."
@@ -88,18 +92,22 @@ class Scorer:
                     raise PermanentError(f"no label embeddings known for project {project.project_id!r}")
                 await repo.save_label_space(conn, project.project_id, model_id, label_embeddings)
                 stored = label_embeddings
-            X, y = await repo.load_human_labels(conn, project.project_id)
+            labeled = await repo.load_human_labels(conn, project.project_id)
             audits = await repo.recent_audits(conn, project.project_id, AUDIT_WINDOW)
             seen = await repo.count_items(conn, project.project_id)
         model = ProjectModel(project, stored, self._policy)
         model.add_audit_results(audits)
         model.seen = seen
-        if len(y):
-            model.add_labels(X, y)
+        model.second_opinion_asked = labeled.second_opinion_asked
+        if len(labeled.y):
+            model.add_labels(labeled.X, labeled.y, labeled.item_ids)
         model.refit()
         self._models[project.project_id] = model
         log.info(
-            "model for %s ready: %d human labels, threshold %s", project.project_id, len(y), model.threshold
+            "model for %s ready: %d human labels, threshold %s",
+            project.project_id,
+            model.n_labels,
+            model.threshold,
         )
         return model
 
@@ -192,14 +200,48 @@ class Scorer:
         unknown = [lb.label for lb in batch.labels if lb.label not in names]
         if unknown:
             raise PermanentError(f"labels {sorted(set(unknown))} are not in project {project.project_id!r}")
+        firsts = [lb for lb in batch.labels if lb.reason != SECOND_OPINION]
+        seconds = [lb for lb in batch.labels if lb.reason == SECOND_OPINION]
         async with self._lock(project.project_id):
             model = await self._model(project)
             async with self._pool.acquire() as conn, conn.transaction():
                 new = await repo.record_human_labels(
-                    conn, [(lb.item_id, names.index(lb.label), lb.annotator_id) for lb in batch.labels]
+                    conn, [(lb.item_id, names.index(lb.label), lb.annotator_id) for lb in firsts]
                 )
+                opinions = await repo.record_second_opinions(
+                    conn, [(lb.item_id, names.index(lb.label), lb.annotator_id) for lb in seconds]
+                )
+                by_item = {lb.item_id: lb for lb in seconds}
+                corrected = [
+                    o
+                    for o in opinions
+                    if o.second_label != o.first_label and o.second_label == o.suspected_label
+                ]
+                finals = [
+                    labels_pb2.FinalLabel(
+                        item_id=o.item_id,
+                        label=names[o.second_label],
+                        source=labels_pb2.LABEL_SOURCE_CONSENSUS,
+                        confidence=1.0,
+                        model_version=model.version,
+                        annotator_ids=[o.first_annotator, by_item[o.item_id].annotator_id],
+                        finalized_unix_ms=_now_ms(),
+                    )
+                    for o in corrected
+                ]
+                await repo.publish(
+                    conn, self._outgoing(project.project_id, f"consensus:{delivery.msg_id}", [], finals, [])
+                )
+            self._relay.notify()
+            for o in corrected:
+                # Two of three votes (the second person and the model) against the first label.
+                model.relabel(o.item_id, o.second_label)
             if new:
-                model.add_labels(np.vstack([n.embedding for n in new]), np.array([n.label for n in new]))
+                model.add_labels(
+                    np.vstack([n.embedding for n in new]),
+                    np.array([n.label for n in new]),
+                    [n.item_id for n in new],
+                )
                 model.add_audit_results(n.label == n.predicted_label for n in new if n.reason == "audit")
                 if model.budget_spent():
                     # Stop people at once: the refit finalizes and withdraws what still waits.
@@ -278,6 +320,7 @@ class Scorer:
                     ),
                 )
             self._relay.notify()
+            await self._request_second_opinions(model)
             await self._publish_demonstrations(model)
             WITHDRAWN.inc(len(accepted_ids))
             DECISIONS.labels("rescored").inc(len(accepted_ids))
@@ -324,6 +367,40 @@ class Scorer:
         log.info(
             "human budget of %s spent: %d waiting items finalized below target", project.project_id, len(done)
         )
+
+    async def _request_second_opinions(self, model: ProjectModel) -> None:
+        """Human labels the model contradicts with confidence go to someone else for a second look."""
+        suspected = model.label_issues(self._settings.second_opinions_per_refit)
+        if not suspected:
+            return
+        project = model.project
+        suspected_label = dict(suspected)
+        async with self._pool.acquire() as conn, conn.transaction():
+            items = await repo.request_second_opinions(conn, suspected)
+            tasks = [
+                tasks_pb2.ReviewTask(
+                    item_id=it.item_id,
+                    project_id=project.project_id,
+                    external_id=it.external_id,
+                    text=it.text,
+                    # Checking labels keeps the dataset right: ahead of new uncertain items.
+                    priority=1.0,
+                    reason=SECOND_OPINION,
+                    # No suggestion: the second person must not be anchored on either answer.
+                    synthetic=it.synthetic,
+                    round=1,
+                )
+                for it in items
+            ]
+            await repo.publish(
+                conn,
+                self._outgoing(
+                    project.project_id, f"second:{project.project_id}:{model.refits}", tasks, [], []
+                ),
+            )
+        model.second_opinion_asked.update(suspected_label)
+        self._relay.notify()
+        SECOND_OPINIONS.inc(len(items))
 
     async def _publish_demonstrations(self, model: ProjectModel) -> None:
         """Few-shot demonstrations for LLM backends, from what people labeled (changed sets only)."""
@@ -437,6 +514,8 @@ class Scorer:
             audited=c.audited,
             below_target=c.below_target,
             control=c.control,
+            second_opinions=c.second_opinions,
+            relabeled=c.relabeled,
         )
         if c.audited:
             out.audit_accuracy = c.audit_correct / c.audited

@@ -80,17 +80,87 @@ async def save_model_state(
     )
 
 
-async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class HumanLabels:
+    X: np.ndarray
+    y: np.ndarray
+    item_ids: list[str]
+    second_opinion_asked: set[str]
+
+
+async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> HumanLabels:
     rows = await conn.fetch(
-        "SELECT embedding, human_label FROM scorer.items WHERE project_id = $1 AND human_label IS NOT NULL"
-        " ORDER BY labeled_at, item_id",
+        "SELECT item_id, embedding, human_label, second_opinion_requested FROM scorer.items"
+        " WHERE project_id = $1 AND human_label IS NOT NULL ORDER BY labeled_at, item_id",
         project_id,
     )
     if not rows:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    X = np.vstack([_vec(r["embedding"]) for r in rows])
-    y = np.array([r["human_label"] for r in rows], dtype=np.int64)
-    return X, y
+        return HumanLabels(np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), [], set())
+    return HumanLabels(
+        X=np.vstack([_vec(r["embedding"]) for r in rows]),
+        y=np.array([r["human_label"] for r in rows], dtype=np.int64),
+        item_ids=[str(r["item_id"]) for r in rows],
+        second_opinion_asked={str(r["item_id"]) for r in rows if r["second_opinion_requested"]},
+    )
+
+
+@dataclass(frozen=True)
+class SecondOpinionItem:
+    item_id: str
+    external_id: str
+    text: str
+    synthetic: bool
+
+
+async def request_second_opinions(
+    conn: asyncpg.Connection, suspected: Sequence[tuple[str, int]]
+) -> list[SecondOpinionItem]:
+    """Mark items for a second opinion (once each); returns those newly marked."""
+    rows = await conn.fetch(
+        "UPDATE scorer.items i SET second_opinion_requested = true, suspected_label = s.label"
+        " FROM unnest($1::uuid[], $2::int[]) AS s(item_id, label)"
+        " WHERE i.item_id = s.item_id AND NOT i.second_opinion_requested AND i.human_label IS NOT NULL"
+        " RETURNING i.item_id, i.external_id, i.text, i.synthetic",
+        [x[0] for x in suspected],
+        [x[1] for x in suspected],
+    )
+    return [SecondOpinionItem(str(r["item_id"]), r["external_id"], r["text"], r["synthetic"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class SecondOpinion:
+    item_id: str
+    first_label: int
+    second_label: int
+    suspected_label: int
+    first_annotator: str
+
+
+async def record_second_opinions(
+    conn: asyncpg.Connection, opinions: Sequence[tuple[str, int, str]]
+) -> list[SecondOpinion]:
+    """Store second opinions once; where the second person sides with the model against the first,
+    the item's human label becomes the second one. Returns the new opinions."""
+    rows = await conn.fetch(
+        "UPDATE scorer.items i SET second_label = o.label, first_label = i.human_label,"
+        " human_label = CASE WHEN o.label = i.suspected_label THEN o.label ELSE i.human_label END"
+        " FROM unnest($1::uuid[], $2::int[], $3::text[]) AS o(item_id, label, annotator)"
+        " WHERE i.item_id = o.item_id AND i.second_opinion_requested AND i.second_label IS NULL"
+        " RETURNING i.item_id, i.first_label, i.second_label, i.suspected_label, i.annotator_id",
+        [x[0] for x in opinions],
+        [x[1] for x in opinions],
+        [x[2] for x in opinions],
+    )
+    return [
+        SecondOpinion(
+            str(r["item_id"]),
+            r["first_label"],
+            r["second_label"],
+            r["suspected_label"],
+            r["annotator_id"] or "",
+        )
+        for r in rows
+    ]
 
 
 async def insert_new(
@@ -241,6 +311,8 @@ class Counts:
     audit_correct: int
     below_target: int
     control: int
+    second_opinions: int
+    relabeled: int
 
 
 async def counts(conn: asyncpg.Connection, project_id: str) -> Counts:
@@ -254,7 +326,10 @@ async def counts(conn: asyncpg.Connection, project_id: str) -> Counts:
         " count(*) FILTER (WHERE reason = 'audit' AND human_label IS NOT NULL) AS audited,"
         " count(*) FILTER (WHERE reason = 'audit' AND human_label = predicted_label) AS audit_correct,"
         " count(*) FILTER (WHERE state = 'model') AS below_target,"
-        " count(*) FILTER (WHERE reason = 'control') AS control"
+        " count(*) FILTER (WHERE reason = 'control') AS control,"
+        " count(*) FILTER (WHERE second_opinion_requested) AS second_opinions,"
+        " count(*) FILTER (WHERE second_label IS NOT NULL AND second_label <> first_label"
+        "  AND second_label = suspected_label) AS relabeled"
         " FROM scorer.items WHERE project_id = $1",
         project_id,
     )

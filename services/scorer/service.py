@@ -18,6 +18,7 @@ from services.scorer.policy import (
     calibrate,
     confidence_of,
     decide,
+    label_issues,
     margin,
     wilson_lower_bound,
 )
@@ -27,6 +28,9 @@ from services.scorer.policy import (
 # until fresh audits under refit models show the target is met again.
 AUDIT_WINDOW = 50
 AUDIT_MIN = 20
+# Confident learning needs a model worth trusting: enough labels, and a clear contradiction.
+LABEL_AUDIT_MIN_LABELS = 30
+LABEL_AUDIT_MIN_CONFIDENCE = 0.9
 
 
 def unit_draw(item_id: str, salt: str = "audit") -> float:
@@ -57,6 +61,9 @@ class ProjectModel:
         self.classifier = CentroidClassifier(self.label_embeddings, self.config)
         self.X = np.zeros((0, self.label_embeddings.shape[1]), dtype=np.float32)
         self.y = np.zeros(0, dtype=np.int64)
+        self.item_ids: list[str] = []
+        self._rows: dict[str, int] = {}
+        self.second_opinion_asked: set[str] = set()
         self.threshold: float | None = None
         self.estimated_accuracy = 0.0  # leave-one-out accuracy above the threshold
         self.refits = 0
@@ -73,12 +80,37 @@ class ProjectModel:
     def n_labels(self) -> int:
         return len(self.y)
 
-    def add_labels(self, X: np.ndarray, y: np.ndarray) -> None:
+    def add_labels(self, X: np.ndarray, y: np.ndarray, item_ids: list[str]) -> None:
         if len(y) == 0:
             return
         self.X = np.vstack([self.X, np.asarray(X, dtype=np.float32)])
         self.y = np.concatenate([self.y, np.asarray(y, dtype=np.int64)])
+        for item_id in item_ids:
+            self._rows[item_id] = len(self.item_ids)
+            self.item_ids.append(item_id)
         self.pending_labels += len(y)
+
+    def relabel(self, item_id: str, label: int) -> None:
+        """A second opinion corrected a human label: train on the corrected one."""
+        row = self._rows.get(item_id)
+        if row is not None:
+            self.y[row] = label
+            self.pending_labels += 1
+
+    def label_issues(self, limit: int) -> list[tuple[str, int]]:
+        """Human labels the out-of-fold model contradicts with confidence and nobody re-checked yet:
+        (item id, the model's label), at most `limit`."""
+        if self.n_labels < LABEL_AUDIT_MIN_LABELS or self.classifier.n_fitted != self.n_labels:
+            return []
+        oof = self.classifier.oof_proba()
+        out = []
+        for row in label_issues(oof, self.y, LABEL_AUDIT_MIN_CONFIDENCE):
+            item_id = self.item_ids[row]
+            if item_id not in self.second_opinion_asked:
+                out.append((item_id, int(oof[row].argmax())))
+            if len(out) >= limit:
+                break
+        return out
 
     def add_audit_results(self, agreed: Iterable[bool]) -> None:
         """Whether people agreed with audited auto-acceptable labels, oldest first."""

@@ -22,6 +22,8 @@ class ScorerSettings(ServiceSettings):
     z: float = Field(default=_DEFAULTS.z, ge=0)
     annotator_error: float = Field(default=_DEFAULTS.annotator_error, ge=0, lt=0.5)
     publish_batch_items: int = Field(default=64, ge=1)
+    # Confident-learning audit of human labels: at most this many second opinions per refit.
+    second_opinions_per_refit: int = Field(default=5, ge=0)
     # Few-shot demonstrations published for LLM backends (prompts stay short and cache-friendly).
     fewshot_per_label: int = Field(default=2, ge=0)
     fewshot_max_chars: int = Field(default=4000, ge=0)

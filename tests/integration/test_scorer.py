@@ -259,3 +259,63 @@ async def _auto_accepting(clients: Clients, project: str) -> bool:
 
 async def _audited(clients: Clients, project: str, n: int) -> bool:
     return (await clients.stats(project)).scorer.audited >= n
+
+
+async def test_contradicted_human_labels_get_a_second_opinion_from_someone_else(
+    env: tuple[Stack, Clients],
+) -> None:
+    stack, clients = env
+    world = World(seed=11)
+    project = await _project(clients, "rechecked", audit_rate=0.0)
+    truth: dict[str, int] = {}
+    items = []
+    for i in range(45):
+        item_id = str(uuid.uuid4())
+        truth[item_id] = i % 3
+        items.append((item_id, world.item(i % 3, noise=0.1)))
+    await _predict(stack, world, project, items)
+    await _eventually(lambda: _in_review(clients, project, 45), "the first tasks")
+
+    # The first annotator gets a few labels wrong.
+    wrong = {item_id: (truth[item_id] + 1) % 3 for item_id, _ in items[:4]}
+    given = {**truth, **wrong}
+    await _label_all(clients, project, given, limit=1000)
+    await _eventually(lambda: _second_opinions(clients, project, len(wrong)), "second-opinion requests")
+
+    # Not back to the same person…
+    with pytest.raises(grpc.aio.AioRpcError) as same:
+        await clients.review.NextTask(
+            review_pb2.NextTaskRequest(project_id=project, annotator_id="ann"), timeout=5
+        )
+    assert same.value.code() == grpc.StatusCode.NOT_FOUND
+    # …but to someone else, without a suggestion to lean on.
+    rechecked = []
+    while True:
+        try:
+            task = await clients.review.NextTask(
+                review_pb2.NextTaskRequest(project_id=project, annotator_id="second"), timeout=5
+            )
+        except grpc.aio.AioRpcError:
+            break
+        assert task.round == 1 and task.reason == "second_opinion" and not task.suggested_label
+        rechecked.append(task.item_id)
+        await clients.review.SubmitLabel(
+            review_pb2.SubmitLabelRequest(
+                task_id=task.task_id,
+                lease_id=task.lease_id,
+                annotator_id="second",
+                label=LABELS[truth[task.item_id]],
+            ),
+            timeout=5,
+        )
+    assert set(wrong) <= set(rechecked)
+    await _eventually(lambda: _relabeled(clients, project, len(wrong)), "the corrections")
+
+
+async def _second_opinions(clients: Clients, project: str, n: int) -> bool:
+    s = await clients.stats(project)
+    return s.scorer.second_opinions >= n and s.review.open >= n
+
+
+async def _relabeled(clients: Clients, project: str, n: int) -> bool:
+    return (await clients.stats(project)).scorer.relabeled >= n

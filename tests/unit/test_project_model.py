@@ -23,6 +23,10 @@ def _world(
     return centers, X, y
 
 
+def _ids(start: int, stop: int) -> list[str]:
+    return [f"item-{i}" for i in range(start, stop)]
+
+
 PROJECT = ProjectSpec("p", "p", tuple(LabelSpec(c, c) for c in "abc"), "", 0.9, 0.0)
 CONFIG = PolicyConfig(min_human_labels=20, min_support=10, z=1.0, annotator_error=0.0)
 
@@ -30,7 +34,7 @@ CONFIG = PolicyConfig(min_human_labels=20, min_support=10, z=1.0, annotator_erro
 def test_nothing_is_auto_accepted_before_enough_human_labels() -> None:
     centers, X, y = _world()
     model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:10], y[:10])
+    model.add_labels(X[:10], y[:10], _ids(0, 10))
     model.refit()
     assert model.threshold is None
     assert all(d.kind is DecisionKind.REVIEW for d in model.decide(X[10:60], [str(i) for i in range(50)]))
@@ -39,7 +43,7 @@ def test_nothing_is_auto_accepted_before_enough_human_labels() -> None:
 def test_threshold_appears_with_labels_and_auto_accepts_are_accurate() -> None:
     centers, X, y = _world()
     model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:120], y[:120])
+    model.add_labels(X[:120], y[:120], _ids(0, 120))
     model.refit()
     assert model.threshold is not None
     decisions = model.decide(X[120:], [str(i) for i in range(len(X) - 120)])
@@ -55,7 +59,7 @@ def test_rescore_accepts_waiting_items_once_the_model_is_sure() -> None:
     waiting = X[200:260]
     before = model.rescore(waiting)
     assert not before.accept and not before.reprioritize  # no threshold yet: leave them alone
-    model.add_labels(X[:150], y[:150])
+    model.add_labels(X[:150], y[:150], _ids(0, 150))
     model.refit()
     after = model.rescore(waiting)
     assert len(after.accept) + len(after.reprioritize) == len(waiting)
@@ -80,7 +84,7 @@ def test_unit_draw_is_stable_and_uniform() -> None:
 def test_failed_audits_send_every_auto_acceptable_item_to_people() -> None:
     centers, X, y = _world(noise=0.2)
     model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:150], y[:150])
+    model.add_labels(X[:150], y[:150], _ids(0, 150))
     model.refit()
     ids = [str(i) for i in range(150, 300)]
     assert any(d.kind is DecisionKind.AUTO for d in model.decide(X[150:], ids))
@@ -101,7 +105,7 @@ def test_failed_audits_send_every_auto_acceptable_item_to_people() -> None:
 def test_a_few_audit_misses_do_not_raise_the_alarm() -> None:
     centers, X, y = _world()
     model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:150], y[:150])
+    model.add_labels(X[:150], y[:150], _ids(0, 150))
     model.add_audit_results([True] * 45 + [False] * 2)
     model.refit()
     assert not model.audit_alarm
@@ -119,9 +123,9 @@ def test_human_budget_by_count_and_share() -> None:
     centers, X, y = _world()
     model = ProjectModel(with_budget(20, 0.0), centers, CONFIG)
     model.seen = 200
-    model.add_labels(X[:19], y[:19])
+    model.add_labels(X[:19], y[:19], _ids(0, 19))
     assert not model.budget_spent()
-    model.add_labels(X[19:20], y[19:20])
+    model.add_labels(X[19:20], y[19:20], _ids(19, 20))
     assert model.budget_spent()
     labels = model.finalize(X[100:110])
     assert len(labels) == 10 and all(0 <= lbl < 3 and 0.0 < conf <= 1.0 for lbl, conf in labels)
@@ -133,3 +137,24 @@ def test_control_arm_samples_its_share_at_random() -> None:
     share = np.mean([model.is_control(f"item-{i}") for i in range(5000)])
     assert 0.08 < share < 0.12
     assert not ProjectModel(PROJECT, centers, CONFIG).is_control("item-1")
+
+
+def test_confident_contradictions_of_human_labels_are_sent_for_a_second_opinion() -> None:
+    centers, X, y = _world(noise=0.2)
+    wrong = y[:120].copy()
+    planted = [5, 17, 42, 88]
+    for row in planted:
+        wrong[row] = (wrong[row] + 1) % 3
+    model = ProjectModel(PROJECT, centers, CONFIG)
+    model.add_labels(X[:120], wrong, _ids(0, 120))
+    model.refit()
+    issues = model.label_issues(limit=10)
+    flagged = {item_id for item_id, _ in issues}
+    assert {f"item-{r}" for r in planted} <= flagged
+    assert len(flagged) <= 6  # clean labels are left alone
+    assert all(label == y[int(item_id.split("-")[1])] for item_id, label in issues)
+    model.second_opinion_asked.update(flagged)
+    assert model.label_issues(limit=10) == []  # each label is re-checked once
+
+    model.relabel("item-5", int(y[5]))
+    assert model.y[5] == y[5] and model.pending_labels == 1
