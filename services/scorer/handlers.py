@@ -40,6 +40,7 @@ SECOND_OPINIONS = Counter(
     "tandem_scorer_second_opinions_total", "Human labels sent for a second opinion (confident learning)."
 )
 SECOND_OPINION = "second_opinion"
+RERANK_EPSILON = 0.01
 THRESHOLD = Gauge("tandem_scorer_auto_threshold", "Auto-accept confidence threshold of the last refit model.")
 ESTIMATED = Gauge(
     "tandem_scorer_estimated_accuracy", "Leave-one-out accuracy above the threshold of the last refit model."
@@ -289,6 +290,13 @@ class Scorer:
                 await self._finalize_below_target(model, waiting, X_waiting)
                 return
             result = model.rescore(X_waiting)
+            # Only changes that can reorder the queue travel to review; a large pool would
+            # otherwise resend every waiting task after every refit.
+            result.reprioritize = [
+                (row, prio)
+                for row, prio in result.reprioritize
+                if abs(prio - waiting[row].priority) > RERANK_EPSILON
+            ]
             async with self._pool.acquire() as conn, conn.transaction():
                 await repo.save_model_state(
                     conn, project_id, model.refits, model.threshold, model.estimated_accuracy

@@ -40,6 +40,7 @@ class Waiting:
     external_id: str
     text: str
     embedding: np.ndarray
+    priority: float
 
 
 def _vec(data: bytes) -> np.ndarray:
@@ -248,12 +249,15 @@ async def waiting_for_people(
     (their point is that people label them), unless the budget is spent (then all but synthetic)."""
     excluded = ["synthetic"] if all_but_synthetic else ["audit", "synthetic", "control"]
     rows = await conn.fetch(
-        "SELECT item_id, external_id, text, embedding FROM scorer.items"
+        "SELECT item_id, external_id, text, embedding, priority FROM scorer.items"
         " WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
         project_id,
         excluded,
     )
-    return [Waiting(str(r["item_id"]), r["external_id"], r["text"], _vec(r["embedding"])) for r in rows]
+    return [
+        Waiting(str(r["item_id"]), r["external_id"], r["text"], _vec(r["embedding"]), r["priority"])
+        for r in rows
+    ]
 
 
 async def accept_waiting(
