@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -20,7 +21,8 @@ from services.gen.tandem.export.v1 import export_pb2
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
 
-console = Console()
+# Logs and pipes get wide lines: tables stay readable outside a terminal.
+console = Console() if sys.stdout.isatty() else Console(width=180)
 
 
 async def create_project(clients: Clients, path: Path) -> projects_pb2.Project:
