@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--repeat", type=int, default=1)
     bl.add_argument("--seed", type=int, default=0)
     bl.add_argument("--annotators", type=int, default=8)
-    bl.add_argument("--seconds-per-item", type=float, default=0.05)
+    bl.add_argument("--seconds-per-item", type=float, default=0.1)
     bl.add_argument("--error-rate", type=float, default=0.02)
     bl.add_argument("--out", type=Path, help="append results as JSON lines")
 

@@ -42,7 +42,7 @@ class BenchOptions:
     repeat: int = 1
     seed: int = 0
     annotators: int = 8
-    seconds_per_item: float = 0.05
+    seconds_per_item: float = 0.1
     error_rate: float = 0.02
     state_dir: Path = Path(".state/bench")
     out: Path | None = None

@@ -19,7 +19,7 @@ def main() -> None:
         relay = rt.add_outbox(SCHEMA)
         scorer = Scorer(rt.pool, relay, ProjectDirectory(rt.js), settings, FewShotStore(rt.js))
         rt.add_worker(SCORER_PREDICTIONS, scorer.on_predictions)
-        rt.add_worker(SCORER_LABELS, scorer.on_human_labels)
+        rt.add_worker(SCORER_LABELS, scorer.on_human_labels, fetch_batch=64)
         rt.add_background(scorer.refit_loop)
         stats_pb2_grpc.add_StatsServiceServicer_to_server(ScorerStatsServicer(scorer), rt.grpc_server)
 

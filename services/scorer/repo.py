@@ -142,6 +142,8 @@ async def record_second_opinions(
 ) -> list[SecondOpinion]:
     """Store second opinions once; where the second person sides with the model against the first,
     the item's human label becomes the second one. Returns the new opinions."""
+    if not opinions:
+        return []
     rows = await conn.fetch(
         "UPDATE scorer.items i SET second_label = o.label, first_label = i.human_label,"
         " human_label = CASE WHEN o.label = i.suspected_label THEN o.label ELSE i.human_label END"
@@ -214,6 +216,8 @@ async def record_human_labels(
     conn: asyncpg.Connection, labels: Sequence[tuple[str, int, str]]
 ) -> list[Labeled]:
     """Store human labels once; returns the ones that were new."""
+    if not labels:
+        return []
     rows = await conn.fetch(
         "UPDATE scorer.items i SET human_label = l.label, annotator_id = l.annotator, state = 'human',"
         " labeled_at = now()"

@@ -59,8 +59,11 @@ class ProjectModel:
         )
         self.label_embeddings = np.asarray(label_embeddings, dtype=np.float32)
         self.classifier = CentroidClassifier(self.label_embeddings, self.config)
-        self.X = np.zeros((0, self.label_embeddings.shape[1]), dtype=np.float32)
-        self.y = np.zeros(0, dtype=np.int64)
+        # Grown by doubling: labels arrive one by one, and copying the whole matrix per label
+        # would make a long project quadratic.
+        self._X = np.zeros((64, self.label_embeddings.shape[1]), dtype=np.float32)
+        self._y = np.zeros(64, dtype=np.int64)
+        self._n = 0
         self.item_ids: list[str] = []
         self._rows: dict[str, int] = {}
         self.second_opinion_asked: set[str] = set()
@@ -77,14 +80,30 @@ class ProjectModel:
         return f"centroid-r{self.refits}-n{len(self.y)}"
 
     @property
+    def X(self) -> np.ndarray:
+        return self._X[: self._n]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._y[: self._n]
+
+    @property
     def n_labels(self) -> int:
-        return len(self.y)
+        return self._n
 
     def add_labels(self, X: np.ndarray, y: np.ndarray, item_ids: list[str]) -> None:
         if len(y) == 0:
             return
-        self.X = np.vstack([self.X, np.asarray(X, dtype=np.float32)])
-        self.y = np.concatenate([self.y, np.asarray(y, dtype=np.int64)])
+        end = self._n + len(y)
+        if end > len(self._y):
+            capacity = max(end, 2 * len(self._y))
+            self._X = np.vstack(
+                [self._X[: self._n], np.zeros((capacity - self._n, self._X.shape[1]), np.float32)]
+            )
+            self._y = np.concatenate([self._y[: self._n], np.zeros(capacity - self._n, np.int64)])
+        self._X[self._n : end] = np.asarray(X, dtype=np.float32)
+        self._y[self._n : end] = np.asarray(y, dtype=np.int64)
+        self._n = end
         for item_id in item_ids:
             self._rows[item_id] = len(self.item_ids)
             self.item_ids.append(item_id)
@@ -94,7 +113,7 @@ class ProjectModel:
         """A second opinion corrected a human label: train on the corrected one."""
         row = self._rows.get(item_id)
         if row is not None:
-            self.y[row] = label
+            self._y[row] = label
             self.pending_labels += 1
 
     def label_issues(self, limit: int) -> list[tuple[str, int]]:
