@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
 
     demo = sub.add_parser("demo", help="the BBC News demo: the whole loop, then a report")
-    demo.add_argument("--annotators", type=int, default=3)
+    demo.add_argument("--annotators", type=int, default=2)
     demo.add_argument("--seconds-per-item", type=float, default=1.0)
     demo.add_argument("--error-rate", type=float, default=0.02)
     demo.add_argument("--target-accuracy", type=float, default=0.95)

@@ -39,7 +39,7 @@ PROJECT_ID = "bbc-news"
 class DemoOptions:
     state_dir: Path
     # People are slower than the labeler (as in life): a queue forms and refits can empty it.
-    annotators: int = 3
+    annotators: int = 2
     seconds_per_item: float = 1.0
     error_rate: float = 0.02
     target_accuracy: float = 0.95
