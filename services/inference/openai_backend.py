@@ -39,7 +39,7 @@ from services.inference.prompts import (
     generation_messages,
     render_plain,
 )
-from services.inference.vllm_backend import gather_or_cancel
+from services.inference.vllm_backend import fewshot_or_none, gather_or_cancel, label_with_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -204,40 +204,21 @@ class OpenAIBackend:
         """`method` overrides the configured label method (the benchmark compares both)."""
         fewshot = await self._fewshot(project.project_id)
         encoded = await self._encode_project(project, fewshot)
-        embedding = None
-        if self._embedder is not None:
-            embedding = asyncio.ensure_future(self._embedder.prelabel(project, texts))
-        try:
-            if not self._token_mode:
-                one: Any = self._score_text
-                self.last_method = "score"
-            elif (method or self._config.label_method) == "choice" and encoded.first_ids is not None:
-                one = self._choice_tokens
-                self.last_method = "choice"
-            else:
-                one = self._score_tokens
-                self.last_method = "score"
-            rows = await gather_or_cancel([one(encoded, text) for text in texts])
-        finally:
-            embedded = await embedding if embedding is not None else None
-        probs = np.vstack(rows) if rows else np.zeros((0, len(project.labels)), dtype=np.float32)
-        return Prelabels(
-            probs=probs.astype(np.float32),
-            embeddings=embedded.embeddings if embedded is not None else None,
-            label_embeddings=embedded.label_embeddings if embedded is not None else None,
-            prompt_hash=encoded.prompt.prompt_hash,
+        if not self._token_mode:
+            one: Any = self._score_text
+            self.last_method = "score"
+        elif (method or self._config.label_method) == "choice" and encoded.first_ids is not None:
+            one = self._choice_tokens
+            self.last_method = "choice"
+        else:
+            one = self._score_tokens
+            self.last_method = "score"
+        return await label_with_embeddings(
+            project, texts, [one(encoded, text) for text in texts], self._embedder, encoded.prompt.prompt_hash
         )
 
     async def _fewshot(self, project_id: str) -> FewShotSet | None:
-        if self._demos is None:
-            return None
-        try:
-            return await self._demos.get(project_id)
-        except Exception:
-            log.warning(
-                "few-shot demonstrations unavailable for a project; prompting zero-shot", exc_info=True
-            )
-            return None
+        return await fewshot_or_none(self._demos, project_id)
 
     async def _encode_project(self, project: ProjectSpec, fewshot: FewShotSet | None) -> _Encoded:
         prompt = LabelPrompt.build(project, fewshot.demos if fewshot is not None else ())

@@ -73,6 +73,44 @@ class _Encoded:
     first_ids: list[int] | None = field(default=None)
 
 
+async def label_with_embeddings(
+    project: ProjectSpec,
+    texts: Sequence[str],
+    rows: Sequence[Coroutine[Any, Any, np.ndarray]],
+    embedder: Any,
+    prompt_hash: str,
+) -> Prelabels:
+    """The label distributions of `rows` (one coroutine per text) next to the embedder's vectors,
+    computed concurrently: what both LLM backends hand the scorer."""
+    embedding: Awaitable[Any] | None = None
+    if embedder is not None:
+        embedding = asyncio.ensure_future(embedder.prelabel(project, texts))
+    try:
+        probs_rows = await gather_or_cancel(rows)
+    finally:
+        embedded = await embedding if embedding is not None else None
+    probs = np.vstack(probs_rows) if probs_rows else np.zeros((0, len(project.labels)), dtype=np.float32)
+    return Prelabels(
+        probs=probs.astype(np.float32),
+        embeddings=embedded.embeddings if embedded is not None else None,
+        label_embeddings=embedded.label_embeddings if embedded is not None else None,
+        prompt_hash=prompt_hash,
+    )
+
+
+async def fewshot_or_none(demos: Any, project_id: str) -> FewShotSet | None:
+    """The project's demonstrations, or None (zero-shot) when there are none or the bucket fails."""
+    if demos is None:
+        return None
+    try:
+        result: FewShotSet | None = await demos.get(project_id)
+        return result
+    except Exception:
+        # Demonstrations improve labels but are not required; label zero-shot meanwhile.
+        log.warning("few-shot demonstrations unavailable for a project; prompting zero-shot", exc_info=True)
+        return None
+
+
 async def gather_or_cancel(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
     """All results in order; on the first failure the other requests are cancelled (vLLM
     aborts a cancelled request), and that failure is raised as is."""
@@ -174,32 +212,12 @@ class VllmBackend:
         else:
             one = self._score
             self.last_method = "score"
-        embedding: Awaitable[Any] | None = None
-        if self._embedder is not None:
-            embedding = asyncio.ensure_future(self._embedder.prelabel(project, texts))
-        try:
-            rows = await gather_or_cancel([one(encoded, text) for text in texts])
-        finally:
-            embedded = await embedding if embedding is not None else None
-        probs = np.vstack(rows) if rows else np.zeros((0, len(project.labels)), dtype=np.float32)
-        return Prelabels(
-            probs=probs.astype(np.float32),
-            embeddings=embedded.embeddings if embedded is not None else None,
-            label_embeddings=embedded.label_embeddings if embedded is not None else None,
-            prompt_hash=encoded.prompt.prompt_hash,
+        return await label_with_embeddings(
+            project, texts, [one(encoded, text) for text in texts], self._embedder, encoded.prompt.prompt_hash
         )
 
     async def _fewshot(self, project_id: str) -> FewShotSet | None:
-        if self._demos is None:
-            return None
-        try:
-            return await self._demos.get(project_id)
-        except Exception:
-            # Demonstrations improve labels but are not required; label zero-shot meanwhile.
-            log.warning(
-                "few-shot demonstrations unavailable for a project; prompting zero-shot", exc_info=True
-            )
-            return None
+        return await fewshot_or_none(self._demos, project_id)
 
     def _encode_project(self, project: ProjectSpec, fewshot: FewShotSet | None) -> _Encoded:
         prompt = LabelPrompt.build(project, fewshot.demos if fewshot is not None else ())
