@@ -10,6 +10,8 @@ server would leak streams and consumers between tests) and its own database.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,27 +42,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="session")
-def nats_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """URL of one nats-server shared by the session (the option's, or a local one)."""
     external: str | None = request.config.getoption("--nats-url")
     if external:
         yield external
         return
-    with LocalNats(tmp_path_factory.mktemp("nats")) as server:
-        yield server.url
+    root = Path(tempfile.mkdtemp(prefix="tandem-nats-"))  # outside basetemp, as for PostgreSQL
+    try:
+        with LocalNats(root) as server:
+            yield server.url
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def postgres_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+def postgres_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """URL of the maintenance database of one PostgreSQL server shared by the session."""
     external: str | None = request.config.getoption("--database-url")
     if external:
         yield external
         return
-    with LocalPostgres(tmp_path_factory.mktemp("postgres") / "pgdata", keep_data=False) as server:
-        yield server.url
+    # Not under pytest's basetemp: pytest deletes all but the newest three of those when another
+    # session starts, and a postmaster whose data directory vanishes shuts itself down.
+    root = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
+    try:
+        with LocalPostgres(root / "pgdata", keep_data=False) as server:
+            yield server.url
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _wipe_jetstream(url: str) -> None:
