@@ -66,6 +66,11 @@ class RunResult:
     seconds: float
 
 
+def dataset_name(path: Path) -> str:
+    """`ag_news/test.jsonl` → `ag_news`: the shared datasets name their files by split."""
+    return path.parent.name if path.stem in ("test", "data", "train", "validation") else path.stem
+
+
 def load_descriptions(path: Path) -> dict[str, str]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -156,7 +161,7 @@ async def run_arm(
     correct = [r["label"] == gold[r["id"]] for r in rows]
     auto = [c for r, c in zip(rows, correct, strict=True) if r["source"] == "auto"]
     return RunResult(
-        dataset=options.data.stem if options.data.stem not in ("test", "data") else options.data.parent.name,
+        dataset=dataset_name(options.data),
         arm=arm,
         target=target,
         budget=budget,
@@ -230,11 +235,7 @@ async def run_bench(options: BenchOptions) -> list[RunResult]:
                 records = load_pool(options, labels, seed)
                 with console.status(f"labeler-only baseline on {len(records):,} items…"):
                     zero_shot = await asyncio.to_thread(labeler_only, records, labels)
-                name = (
-                    options.data.stem
-                    if options.data.stem not in ("test", "data")
-                    else options.data.parent.name
-                )
+                name = dataset_name(options.data)
                 results.append(
                     RunResult(name, "labeler", 0.0, 0.0, seed, len(records), zero_shot, 0, 0, 0, 0, 0)
                 )

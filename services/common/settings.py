@@ -6,7 +6,6 @@ Common values use the `TANDEM_` prefix (`TANDEM_NATS_URL`); each service's own v
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -44,7 +43,3 @@ class ServiceSettings(BaseSettings):
 
     grpc_port: int = Field(default=0, ge=0, le=65535)
     http_port: int = Field(default=0, ge=0, le=65535)
-
-
-def state_dir_default() -> Path:
-    return Path(".state")
