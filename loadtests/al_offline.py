@@ -46,6 +46,7 @@ from services.scorer.policy_lr import (
     features,
     finalize_remaining,
     route,
+    threshold_in_force,
 )
 from services.scorer.policy_lr import calibrate as calibrate_lr
 
@@ -302,6 +303,7 @@ def simulate(
     sel_prob: list[float] = []
     threshold: float | None = None
     thresholds: list[float | None] = []
+    estimates: list[float | None] = []
     curve = Curve()
     limit = params.budget.limit(n) if params.budget else n
     limit = min(limit, int(np.ceil(params.max_share * n)))
@@ -351,7 +353,10 @@ def simulate(
         # Self-training candidates: items nobody labeled, with the probabilities of the model before this
         # refit (auto-accepted items included: their frozen labels are model labels too).
         unl = np.flatnonzero(source < 2)
-        threshold = model.refit(idx, final[idx], np.asarray(sel_prob), not random_review, unl, probs[unl])
+        estimate = model.refit(idx, final[idx], np.asarray(sel_prob), not random_review, unl, probs[unl])
+        estimates.append(estimate)
+        # The scorer's rule for the LR policy; the centroid policy acts on every estimate.
+        threshold = threshold_in_force(estimates, cfg.confirmations) if model.kind == "lr" else estimate
         thresholds.append(threshold)
         refits += 1
         probs = model.proba(np.arange(n))

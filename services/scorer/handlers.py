@@ -25,7 +25,8 @@ from services.gen.tandem.predictions.v1 import predictions_pb2
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.gen.tandem.tasks.v1 import tasks_pb2
 from services.scorer import repo
-from services.scorer.policy import DecisionKind, PolicyConfig, wilson_lower_bound
+from services.scorer.policy import DecisionKind, wilson_lower_bound
+from services.scorer.policy_lr import LRPolicyConfig, features
 from services.scorer.service import AUDIT_WINDOW, ProjectModel
 from services.scorer.settings import ScorerSettings
 
@@ -70,7 +71,7 @@ class Scorer:
         self._relay = relay
         self._projects = projects
         self._settings = settings
-        self._policy: PolicyConfig = settings.policy()
+        self._policy: LRPolicyConfig = settings.policy()
         self._models: dict[str, ProjectModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._dirty: dict[str, float] = {}  # project → monotonic time of the first unrefit label
@@ -101,7 +102,7 @@ class Scorer:
         model.seen = seen
         model.second_opinion_asked = labeled.second_opinion_asked
         if len(labeled.y):
-            model.add_labels(labeled.X, labeled.y, labeled.item_ids)
+            model.add_labels(features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids)
         model.refit()
         self._models[project.project_id] = model
         log.info(
@@ -135,8 +136,9 @@ class Scorer:
         self, project: ProjectSpec, model: ProjectModel, batch: predictions_pb2.PredictionBatch, msg_id: str
     ) -> None:
         X = np.vstack([np.asarray(p.embedding, dtype=np.float32) for p in batch.predictions])
+        zero_shot = np.vstack([np.asarray(p.probs, dtype=np.float32) for p in batch.predictions])
         ids = [p.item_id for p in batch.predictions]
-        decisions = model.decide(X, ids)
+        decisions = model.decide(features(X, zero_shot), ids)
         spent = model.budget_spent(extra_seen=len(ids))
         rows: list[repo.ItemDecision] = []
         for p, d in zip(batch.predictions, decisions, strict=True):
@@ -152,9 +154,11 @@ class Scorer:
             elif d.kind is DecisionKind.AUTO:
                 state, reason = "auto", "confident"
             elif d.kind is DecisionKind.AUDIT:
-                state, reason = "review", "audit"
+                # Before a threshold exists the draw samples all items, not auto-acceptable ones:
+                # their agreement says nothing about auto-accepted accuracy (see add_audit_results).
+                state, reason = "review", "audit" if model.threshold is not None else "sample"
             else:
-                state, reason = "review", "warmup" if model.threshold is None else "uncertain"
+                state, reason = "review", "uncertain" if model.ranks_by_ambiguity else "warmup"
             rows.append(repo.ItemDecision(p.item_id, state, reason, d.label, d.confidence, priority))
         new_items = [
             repo.NewItem(
@@ -239,7 +243,7 @@ class Scorer:
                 model.relabel(o.item_id, o.second_label)
             if new:
                 model.add_labels(
-                    np.vstack([n.embedding for n in new]),
+                    features(np.vstack([n.embedding for n in new]), np.vstack([n.zero_shot for n in new])),
                     np.array([n.label for n in new]),
                     [n.item_id for n in new],
                 )
@@ -277,14 +281,20 @@ class Scorer:
     async def refit(self, project_id: str) -> None:
         async with self._lock(project_id):
             model = self._models[project_id]
-            model.refit()
+            # Out-of-fold fits take up to seconds on large label spaces: off the event loop, so
+            # deliveries keep their heartbeats (the project lock keeps the model consistent).
+            await asyncio.to_thread(model.refit)
             REFITS.inc()
             THRESHOLD.set(model.threshold or 0.0)
             ESTIMATED.set(model.estimated_accuracy)
             spent = model.budget_spent()
             async with self._pool.acquire() as conn:
                 waiting = await repo.waiting_for_people(conn, project_id, all_but_synthetic=spent)
-            X_waiting = np.vstack([w.embedding for w in waiting]) if waiting else np.zeros((0, 1))
+            X_waiting = (
+                features(np.vstack([w.embedding for w in waiting]), np.vstack([w.zero_shot for w in waiting]))
+                if waiting
+                else np.zeros((0, model.n_features))
+            )
             project = model.project
             if spent:
                 await self._finalize_below_target(model, waiting, X_waiting)

@@ -12,6 +12,7 @@ per item by the scorer, so no extra inference is needed to refit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,9 @@ class LRPolicyConfig:
     # a point below 20% human share, froze it at 94% beyond, and let auto-accepted accuracy fall to 92.7%.
     pseudo_label_weight: float = 0.0
     pseudo_label_threshold: float = 0.98
+    # Consecutive refits whose threshold estimates must all exist; the strictest one is in force (see
+    # threshold_in_force).
+    confirmations: int = 2
 
     def centroid_config(self) -> PolicyConfig:
         return PolicyConfig(
@@ -394,6 +398,23 @@ def calibrate(
     return choose_threshold_weighted(
         confidence_of(oof), correct, weights, target, config.z, config.min_support
     )
+
+
+def threshold_in_force(estimates: Sequence[float | None], confirmations: int) -> float | None:
+    """The auto-accept threshold to act on, given the estimates of the last refits (newest last):
+    the strictest of the last `confirmations`, or None while fewer exist or any of them is None.
+
+    The threshold is re-estimated every few labels and each estimate auto-accepts items for good,
+    so acting on every estimate lets the luckiest of many noisy ones through. Requiring consecutive
+    estimates to agree removes isolated dips.
+    """
+    if confirmations < 1:
+        raise ValueError(f"confirmations must be at least 1, got {confirmations}")
+    recent = list(estimates)[-confirmations:]
+    found = [t for t in recent if t is not None]
+    if len(found) < confirmations:
+        return None
+    return max(found)
 
 
 @dataclass(frozen=True)

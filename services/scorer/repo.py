@@ -40,11 +40,16 @@ class Waiting:
     external_id: str
     text: str
     embedding: np.ndarray
+    zero_shot: np.ndarray
     priority: float
 
 
 def _vec(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.float32)
+
+
+def _probs(values: Sequence[float]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
 
 
 async def load_label_space(conn: asyncpg.Connection, project_id: str) -> np.ndarray | None:
@@ -83,7 +88,8 @@ async def save_model_state(
 
 @dataclass(frozen=True)
 class HumanLabels:
-    X: np.ndarray
+    embeddings: np.ndarray
+    zero_shot: np.ndarray
     y: np.ndarray
     item_ids: list[str]
     second_opinion_asked: set[str]
@@ -91,14 +97,16 @@ class HumanLabels:
 
 async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> HumanLabels:
     rows = await conn.fetch(
-        "SELECT item_id, embedding, human_label, second_opinion_requested FROM scorer.items"
+        "SELECT item_id, embedding, zero_shot, human_label, second_opinion_requested FROM scorer.items"
         " WHERE project_id = $1 AND human_label IS NOT NULL ORDER BY labeled_at, item_id",
         project_id,
     )
     if not rows:
-        return HumanLabels(np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), [], set())
+        empty = np.zeros((0, 0), dtype=np.float32)
+        return HumanLabels(empty, empty, np.zeros(0, dtype=np.int64), [], set())
     return HumanLabels(
-        X=np.vstack([_vec(r["embedding"]) for r in rows]),
+        embeddings=np.vstack([_vec(r["embedding"]) for r in rows]),
+        zero_shot=np.vstack([_probs(r["zero_shot"]) for r in rows]),
         y=np.array([r["human_label"] for r in rows], dtype=np.int64),
         item_ids=[str(r["item_id"]) for r in rows],
         second_opinion_asked={str(r["item_id"]) for r in rows if r["second_opinion_requested"]},
@@ -207,6 +215,7 @@ async def existing_ids(conn: asyncpg.Connection, item_ids: Sequence[str]) -> set
 class Labeled:
     item_id: str
     embedding: np.ndarray
+    zero_shot: np.ndarray
     label: int
     reason: str
     predicted_label: int
@@ -223,13 +232,20 @@ async def record_human_labels(
         " labeled_at = now()"
         " FROM unnest($1::uuid[], $2::int[], $3::text[]) AS l(item_id, label, annotator)"
         " WHERE i.item_id = l.item_id AND i.human_label IS NULL"
-        " RETURNING i.item_id, i.embedding, i.human_label, i.reason, i.predicted_label",
+        " RETURNING i.item_id, i.embedding, i.zero_shot, i.human_label, i.reason, i.predicted_label",
         [x[0] for x in labels],
         [x[1] for x in labels],
         [x[2] for x in labels],
     )
     return [
-        Labeled(str(r["item_id"]), _vec(r["embedding"]), r["human_label"], r["reason"], r["predicted_label"])
+        Labeled(
+            str(r["item_id"]),
+            _vec(r["embedding"]),
+            _probs(r["zero_shot"]),
+            r["human_label"],
+            r["reason"],
+            r["predicted_label"],
+        )
         for r in rows
     ]
 
@@ -249,17 +265,25 @@ async def recent_audits(conn: asyncpg.Connection, project_id: str, n: int) -> li
 async def waiting_for_people(
     conn: asyncpg.Connection, project_id: str, *, all_but_synthetic: bool = False
 ) -> list[Waiting]:
-    """Items in review that a refit may still decide: not audits, control or synthetic items
-    (their point is that people label them), unless the budget is spent (then all but synthetic)."""
-    excluded = ["synthetic"] if all_but_synthetic else ["audit", "synthetic", "control"]
+    """Items in review that a refit may still decide: not audits, random samples, control or
+    synthetic items (their point is that people label them), unless the budget is spent (then all
+    but synthetic)."""
+    excluded = ["synthetic"] if all_but_synthetic else ["audit", "sample", "synthetic", "control"]
     rows = await conn.fetch(
-        "SELECT item_id, external_id, text, embedding, priority FROM scorer.items"
+        "SELECT item_id, external_id, text, embedding, zero_shot, priority FROM scorer.items"
         " WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
         project_id,
         excluded,
     )
     return [
-        Waiting(str(r["item_id"]), r["external_id"], r["text"], _vec(r["embedding"]), r["priority"])
+        Waiting(
+            str(r["item_id"]),
+            r["external_id"],
+            r["text"],
+            _vec(r["embedding"]),
+            _probs(r["zero_shot"]),
+            r["priority"],
+        )
         for r in rows
     ]
 

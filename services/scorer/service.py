@@ -11,17 +11,14 @@ import numpy as np
 
 from services.common.projects import ProjectSpec
 from services.scorer.policy import (
-    CentroidClassifier,
     Decision,
-    PolicyConfig,
     agreement_target,
-    calibrate,
     confidence_of,
-    decide,
     label_issues,
     margin,
     wilson_lower_bound,
 )
+from services.scorer.policy_lr import LRClassifier, LRPolicyConfig, calibrate, route, threshold_in_force
 
 # Audits of auto-accepted labels are the one unbiased check of the threshold. When the recent
 # ones show the target is missed (upper bound below it), every auto-acceptable item is audited
@@ -48,9 +45,15 @@ class Rescored:
 
 
 class ProjectModel:
-    """Class centroids refit on every human label, with an auto-accept threshold calibrated on them."""
+    """The project's classifier (class centroids for the first labels, then a logistic regression on
+    [embedding, log zero-shot]), refit on the human labels, with an auto-accept threshold calibrated on
+    its out-of-fold predictions.
 
-    def __init__(self, project: ProjectSpec, label_embeddings: np.ndarray, base: PolicyConfig) -> None:
+    Rows are feature rows (policy_lr.features): the item embedding followed by the labeler's log
+    zero-shot probabilities.
+    """
+
+    def __init__(self, project: ProjectSpec, label_embeddings: np.ndarray, base: LRPolicyConfig) -> None:
         self.project = project
         self.config = replace(
             base,
@@ -58,16 +61,20 @@ class ProjectModel:
             audit_rate=project.audit_rate if project.audit_rate > 0 else base.audit_rate,
         )
         self.label_embeddings = np.asarray(label_embeddings, dtype=np.float32)
-        self.classifier = CentroidClassifier(self.label_embeddings, self.config)
+        self.classifier = LRClassifier(self.label_embeddings, self.config)
+        k, d = self.label_embeddings.shape
+        self.n_features = d + k
         # Grown by doubling: labels arrive one by one, and copying the whole matrix per label
         # would make a long project quadratic.
-        self._X = np.zeros((64, self.label_embeddings.shape[1]), dtype=np.float32)
+        self._X = np.zeros((64, self.n_features), dtype=np.float32)
         self._y = np.zeros(64, dtype=np.int64)
         self._n = 0
         self.item_ids: list[str] = []
         self._rows: dict[str, int] = {}
         self.second_opinion_asked: set[str] = set()
         self.threshold: float | None = None
+        # Threshold estimates of the last refits, newest last (see refit).
+        self._estimates: deque[float | None] = deque(maxlen=self.config.confirmations)
         self.estimated_accuracy = 0.0  # leave-one-out accuracy above the threshold
         self.refits = 0
         self.pending_labels = 0
@@ -77,7 +84,8 @@ class ProjectModel:
 
     @property
     def version(self) -> str:
-        return f"centroid-r{self.refits}-n{len(self.y)}"
+        kind = "lr" if self.classifier.uses_lr else "centroid"
+        return f"{kind}-r{self.refits}-n{self._n}"
 
     @property
     def X(self) -> np.ndarray:
@@ -145,13 +153,19 @@ class ProjectModel:
         return upper < agreement_target(self.config.target_accuracy, self.config.annotator_error, k)
 
     def refit(self) -> None:
-        """Refit on every human label and choose the threshold from leave-one-out predictions."""
+        """Refit on every human label and choose the threshold from out-of-fold predictions.
+
+        The threshold in force is the strictest of the last `confirmations` estimates (see
+        policy_lr.threshold_in_force).
+        """
         if self.n_labels == 0:
-            self.threshold = None
-            self.estimated_accuracy = 0.0
+            estimate = None
+            self.classifier.fit(np.zeros((0, self.n_features)), np.zeros(0, dtype=np.int64))
         else:
-            self.threshold = calibrate(self.classifier, self.X, self.y, self.config)
-            self.estimated_accuracy = self._accuracy_above_threshold()
+            estimate = calibrate(self.classifier, self.X, self.y, self.config)
+        self._estimates.append(estimate)
+        self.threshold = threshold_in_force(self._estimates, self.config.confirmations)
+        self.estimated_accuracy = self._accuracy_above_threshold()
         self.audit_alarm = self._audits_miss_target()
         self.refits += 1
         self.pending_labels = 0
@@ -181,28 +195,32 @@ class ProjectModel:
         return list(zip(probs.argmax(axis=1).tolist(), confidence_of(probs).tolist(), strict=True))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        if self.classifier.n_fitted == 0:
-            # No label yet: centroids are the label descriptions alone.
-            self.classifier.fit(np.zeros((0, self.X.shape[1]), dtype=np.float32), np.zeros(0, dtype=np.int64))
-        return self.classifier.predict_proba(np.asarray(X, dtype=np.float32))
+        return self.classifier.predict_proba(np.asarray(X, dtype=np.float64))
+
+    @property
+    def ranks_by_ambiguity(self) -> bool:
+        """After the random warm-up, people get the items the model is least sure about first."""
+        return self.n_labels >= self.config.min_human_labels
 
     def decide(self, X: np.ndarray, item_ids: list[str]) -> list[Decision]:
         draws = np.array([unit_draw(i) for i in item_ids], dtype=np.float64)
-        config = replace(self.config, audit_rate=1.0) if self.audit_alarm else self.config
-        return decide(self.predict_proba(X), self.threshold, draws, config)
+        alarm = self.audit_alarm and self.threshold is not None
+        config = replace(self.config, audit_rate=1.0) if alarm else self.config
+        return route(self.predict_proba(X), self.threshold, draws, self.n_labels, config).decisions()
 
     def rescore(self, X: np.ndarray) -> Rescored:
         """Items waiting for people: accept those that now clear the threshold, re-rank the rest."""
         out = Rescored()
-        if len(X) == 0:
+        if len(X) == 0 or not self.ranks_by_ambiguity:
             return out
         probs = self.predict_proba(X)
         conf = confidence_of(probs)
         labels = probs.argmax(axis=1)
         priority = 1.0 - margin(probs)
+        threshold = None if self.audit_alarm else self.threshold
         for row in range(len(X)):
-            if self.threshold is not None and not self.audit_alarm and conf[row] >= self.threshold:
+            if threshold is not None and conf[row] >= threshold:
                 out.accept.append((row, int(labels[row]), float(conf[row])))
-            elif self.threshold is not None:
+            else:
                 out.reprioritize.append((row, float(priority[row])))
         return out

@@ -4,9 +4,9 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
-from services.scorer.policy import PolicyConfig
+from services.scorer.policy_lr import LRPolicyConfig
 
-_DEFAULTS = PolicyConfig()
+_DEFAULTS = LRPolicyConfig()
 
 
 class ScorerSettings(ServiceSettings):
@@ -29,10 +29,14 @@ class ScorerSettings(ServiceSettings):
     fewshot_max_chars: int = Field(default=4000, ge=0)
     fewshot_pool: int = Field(default=2000, ge=1)
 
-    def policy(self) -> PolicyConfig:
-        return PolicyConfig(
+    # Consecutive refits whose threshold estimates must agree before one is acted on.
+    confirmations: int = Field(default=_DEFAULTS.confirmations, ge=1)
+
+    def policy(self) -> LRPolicyConfig:
+        return LRPolicyConfig(
             min_human_labels=self.min_human_labels,
             min_support=self.min_support,
             z=self.z,
             annotator_error=self.annotator_error,
+            confirmations=self.confirmations,
         )

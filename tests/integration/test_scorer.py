@@ -167,7 +167,8 @@ async def test_threshold_routing_rescoring_and_withdrawal(env: tuple[Stack, Clie
     await _predict(stack, world, project, waiting)
     await _eventually(lambda: _in_review(clients, project, 60), "60 tasks waiting")
 
-    await _label_all(clients, project, truth, limit=16)
+    # Enough labels for two consecutive refits to estimate a threshold (one is not acted on).
+    await _label_all(clients, project, truth, limit=24)
     # The refit sets a threshold and re-scores what waits: clear items are accepted and their
     # tasks withdrawn from the review queue.
     await _eventually(lambda: _withdrawn(clients, project), "withdrawn tasks after a refit")

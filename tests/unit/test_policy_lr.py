@@ -16,6 +16,7 @@ from services.scorer.policy_lr import (
     fold_of,
     route,
     suspicious_labels,
+    threshold_in_force,
 )
 
 
@@ -199,3 +200,15 @@ def test_route_audits_only_auto_acceptable_items(rate: float) -> None:
     probs = np.array([[0.99, 0.01], [0.6, 0.4]])
     r = route(probs, 0.9, np.array([0.5, 0.5]), n_labels=50, config=LRPolicyConfig(audit_rate=rate))
     assert r.kind.tolist() == ([0, 1] if rate == 0.0 else [2, 1])
+
+
+def test_threshold_in_force_needs_consecutive_estimates_and_takes_the_strictest() -> None:
+    assert threshold_in_force([], 2) is None
+    assert threshold_in_force([0.8], 2) is None
+    assert threshold_in_force([None, 0.8], 2) is None
+    assert threshold_in_force([0.9, 0.8], 2) == 0.9
+    assert threshold_in_force([0.7, 0.9, 0.8], 2) == 0.9
+    assert threshold_in_force([0.9, 0.8, None], 2) is None  # a lost estimate closes the gate again
+    assert threshold_in_force([0.8], 1) == 0.8
+    with pytest.raises(ValueError):
+        threshold_in_force([0.8], 0)

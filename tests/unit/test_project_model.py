@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from services.common.projects import LabelSpec, ProjectSpec
-from services.scorer.policy import DecisionKind, PolicyConfig
+from services.scorer.policy import DecisionKind, softmax
+from services.scorer.policy_lr import LRPolicyConfig, features
 from services.scorer.service import ProjectModel, unit_draw
 
 RNG = np.random.default_rng(3)
@@ -17,10 +20,12 @@ def _unit(m: np.ndarray) -> np.ndarray:
 def _world(
     k: int = 3, d: int = 16, n: int = 300, noise: float = 0.35
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label embeddings, feature rows (embedding + log zero-shot) and true labels."""
     centers = _unit(RNG.normal(size=(k, d)))
     y = RNG.integers(0, k, size=n)
-    X = _unit(centers[y] + noise * RNG.normal(size=(n, d)))
-    return centers, X, y
+    emb = _unit(centers[y] + noise * RNG.normal(size=(n, d)))
+    # A weak labeler: zero-shot over cosine similarity at a soft temperature.
+    return centers, features(emb, softmax(emb @ centers.T, 0.5)), y
 
 
 def _ids(start: int, stop: int) -> list[str]:
@@ -28,7 +33,7 @@ def _ids(start: int, stop: int) -> list[str]:
 
 
 PROJECT = ProjectSpec("p", "p", tuple(LabelSpec(c, c) for c in "abc"), "", 0.9, 0.0)
-CONFIG = PolicyConfig(min_human_labels=20, min_support=10, z=1.0, annotator_error=0.0)
+CONFIG = LRPolicyConfig(min_human_labels=20, min_support=10, z=1.0, annotator_error=0.0, confirmations=1)
 
 
 def test_nothing_is_auto_accepted_before_enough_human_labels() -> None:
@@ -65,6 +70,37 @@ def test_rescore_accepts_waiting_items_once_the_model_is_sure() -> None:
     assert len(after.accept) + len(after.reprioritize) == len(waiting)
     assert len(after.accept) > len(waiting) // 2
     assert all(0.0 <= p <= 1.0 for _, p in after.reprioritize)
+
+
+def test_a_threshold_is_only_acted_on_once_consecutive_refits_confirm_it() -> None:
+    centers, X, y = _world(noise=0.2)
+    model = ProjectModel(PROJECT, centers, replace(CONFIG, confirmations=2))
+    model.add_labels(X[:120], y[:120], _ids(0, 120))
+    model.refit()
+    assert model.threshold is None  # one estimate is not enough
+    ids = [str(i) for i in range(120, 300)]
+    assert not any(d.kind is DecisionKind.AUTO for d in model.decide(X[120:], ids))
+    assert not model.rescore(X[120:]).accept
+    model.add_labels(X[120:130], y[120:130], _ids(120, 130))
+    model.refit()
+    assert model.threshold is not None
+    assert any(d.kind is DecisionKind.AUTO for d in model.decide(X[130:], ids[10:]))
+
+
+def test_review_order_is_random_during_warm_up_then_by_ambiguity() -> None:
+    centers, X, y = _world()
+    # No threshold can open (support never reached): every item goes to people.
+    model = ProjectModel(PROJECT, centers, replace(CONFIG, min_support=10_000, audit_rate=0.0))
+    ids = _ids(100, 300)
+    warm = model.decide(X[100:], ids)
+    assert [d.priority for d in warm] == [unit_draw(i) for i in ids]
+    model.add_labels(X[:20], y[:20], _ids(0, 20))
+    model.refit()
+    decisions = model.decide(X[100:], ids)
+    top2 = np.sort(model.predict_proba(X[100:]), axis=1)[:, -2:]
+    ambiguity = 1.0 - (top2[:, 1] - top2[:, 0])
+    assert all(d.kind is DecisionKind.REVIEW for d in decisions)
+    assert np.allclose([d.priority for d in decisions], ambiguity, atol=1e-6)
 
 
 def test_project_settings_override_the_defaults() -> None:
@@ -152,7 +188,8 @@ def test_confident_contradictions_of_human_labels_are_sent_for_a_second_opinion(
     flagged = {item_id for item_id, _ in issues}
     assert {f"item-{r}" for r in planted} <= flagged
     assert len(flagged) <= 6  # clean labels are left alone
-    assert all(label == y[int(item_id.split("-")[1])] for item_id, label in issues)
+    suggested = dict(issues)
+    assert all(suggested[f"item-{r}"] == y[r] for r in planted)
     model.second_opinion_asked.update(flagged)
     assert model.label_issues(limit=10) == []  # each label is re-checked once
 
