@@ -1,7 +1,8 @@
-"""Active-learning decision policy: which model labels to trust and which items people should see.
+"""Building blocks of the active-learning policy: class centroids, the Wilson-bound threshold, margins
+and confident learning; and the centroid-only policy the offline harnesses compare against.
 
-Pure numpy domain code, no I/O. The scorer service and the offline simulation (loadtests/policy_sim.py)
-both call these functions, so settings tuned in simulation are exactly what ships.
+Pure numpy domain code, no I/O. The scorer's policy (policy_lr.py) uses the centroids for a project's
+first labels and the threshold and label-audit functions throughout.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Active-learning policy with a logistic regression on top of the labeler: a companion to policy.py.
+"""The scorer's active-learning policy: a logistic regression on top of the labeler.
 
 Pure numpy/scipy domain code, no I/O. While few human labels exist the model is policy.py's class
 centroids; after that a multinomial logistic regression on the item embedding with the labeler's
@@ -7,7 +7,8 @@ has labeled yet stay predictable. The auto-accept threshold is chosen on out-of-
 the lower confidence bound of the accuracy of what is auto-accepted meets the target.
 
 Feature rows are ``features(embedding, zero_shot)`` = [embedding, log(zero_shot)]: both are already stored
-per item by the scorer, so no extra inference is needed to refit.
+per item by the scorer, so no extra inference is needed to refit. The scorer service
+(services/scorer/service.py) and the offline harness (loadtests/al_offline.py) call the same functions.
 """
 
 from __future__ import annotations
@@ -508,19 +509,3 @@ def finalize_remaining(probs: np.ndarray, threshold: float | None) -> Finalized:
     conf = confidence_of(p)
     below = np.ones(p.shape[0], dtype=bool) if threshold is None else conf < threshold
     return Finalized(label=p.argmax(axis=1), confidence=conf, below_target=below)
-
-
-def suspicious_labels(oof_proba: np.ndarray, y: np.ndarray, threshold: float) -> np.ndarray:
-    """Indices of human labels that the out-of-fold model contradicts with confidence >= threshold,
-    most confident contradiction first (candidates for a second look, e.g. an annotator's slip)."""
-    p = np.asarray(oof_proba, dtype=np.float64)
-    yy = np.asarray(y, dtype=np.int64).reshape(-1)
-    if p.shape[0] != yy.shape[0]:
-        raise ValueError("need one label per row")
-    if yy.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    other = p.copy()
-    other[np.arange(yy.size), yy] = -1.0
-    best_other = other.max(axis=1)
-    flagged = np.flatnonzero((best_other >= threshold) & (best_other > p[np.arange(yy.size), yy]))
-    return flagged[np.argsort(-best_other[flagged], kind="stable")].astype(np.int64)

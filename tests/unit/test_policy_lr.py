@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.scorer.policy import choose_threshold
+from services.scorer.policy import choose_threshold, label_issues
 from services.scorer.policy_lr import (
     HumanBudget,
     LRClassifier,
@@ -15,7 +15,6 @@ from services.scorer.policy_lr import (
     finalize_remaining,
     fold_of,
     route,
-    suspicious_labels,
     threshold_in_force,
 )
 
@@ -146,7 +145,7 @@ def test_calibrate_opens_the_gate_on_separable_data_only_with_enough_labels() ->
     assert calibrate(LRClassifier(desc, cfg), X, y, cfg) is not None
 
 
-def test_suspicious_labels_finds_planted_flips() -> None:
+def test_label_issues_on_out_of_fold_regression_find_planted_flips() -> None:
     emb, y, desc = _clusters(k=4, per_class=50, noise=0.1, seed=5)
     rng = np.random.default_rng(5)
     flipped = rng.choice(y.size, size=8, replace=False)
@@ -154,17 +153,11 @@ def test_suspicious_labels_finds_planted_flips() -> None:
     noisy[flipped] = (y[flipped] + rng.integers(1, 4, size=8)) % 4
     clf = LRClassifier(desc, LRPolicyConfig(min_lr_labels=0))
     clf.fit(features(emb, _zero_shot(emb, desc)), noisy)
-    found = suspicious_labels(clf.oof_proba(), noisy, threshold=0.8)
+    found = label_issues(clf.oof_proba(), noisy, min_confidence=0.8)
     assert set(flipped.tolist()) <= set(found.tolist())
     assert found.size <= 10
     # In-sample probabilities would have absorbed the flips; the check relies on out-of-fold ones.
-    assert suspicious_labels(np.eye(4)[noisy], noisy, threshold=0.7).size == 0
-
-
-def test_suspicious_labels_orders_by_confidence() -> None:
-    p = np.array([[0.1, 0.9], [0.2, 0.8], [0.95, 0.05], [0.6, 0.4]])
-    y = np.array([0, 0, 1, 0])
-    assert suspicious_labels(p, y, 0.75).tolist() == [2, 0, 1]
+    assert label_issues(np.eye(4)[noisy], noisy, min_confidence=0.7).size == 0
 
 
 def test_budget_limit_and_finalization_flags_below_target() -> None:
