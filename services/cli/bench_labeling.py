@@ -140,7 +140,10 @@ async def run_arm(
     await _until_prelabeled(clients, project_id, total)
 
     async def complete() -> bool:
-        return (await clients.stats(project_id)).export.finalized >= total
+        # Every item final in the export, and the scorer caught up with every human label (the
+        # next run must not compete with this one's backlog).
+        s = await clients.stats(project_id)
+        return s.export.finalized >= total and s.scorer.in_review == 0
 
     gold = {r.external_id: r.label for r in records}
     workforce = Workforce(

@@ -249,10 +249,11 @@ class Scorer:
                 )
                 model.add_audit_results(n.label == n.predicted_label for n in new if n.reason == "audit")
                 if model.budget_spent():
-                    # Stop people at once: the refit finalizes and withdraws what still waits.
-                    self._dirty[project.project_id] = 0.0
-                else:
-                    self._dirty.setdefault(project.project_id, time.monotonic())
+                    # Stop people at once, with the model as it is: waiting for a refit (seconds
+                    # on large label spaces) would let them label past the budget meanwhile.
+                    waiting, X_waiting = await self._waiting(model, spent=True)
+                    await self._finalize_below_target(model, waiting, X_waiting)
+                self._dirty.setdefault(project.project_id, time.monotonic())
                 self._wake.set()
 
     # -- refit and re-score --------------------------------------------------------------------
@@ -275,26 +276,25 @@ class Scorer:
                         # The database is away: keep the project dirty and try again shortly.
                         log.warning("refit of %s failed; will retry", project_id, exc_info=True)
                         self._dirty.setdefault(project_id, time.monotonic())
+                    except Exception:
+                        # A bug in one project's refit must not stop the others': the next label
+                        # marks the project dirty again.
+                        log.exception("refit of %s failed", project_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.25)
 
     async def refit(self, project_id: str) -> None:
+        model = self._models[project_id]
+        # The fits take seconds on large label spaces: in a worker thread and outside the project
+        # lock, so human labels and predictions keep flowing in meanwhile (ProjectModel.refit fits
+        # on the labels present when it starts). Only this loop refits, one project at a time.
+        await asyncio.to_thread(model.refit)
         async with self._lock(project_id):
-            model = self._models[project_id]
-            # Out-of-fold fits take up to seconds on large label spaces: off the event loop, so
-            # deliveries keep their heartbeats (the project lock keeps the model consistent).
-            await asyncio.to_thread(model.refit)
             REFITS.inc()
             THRESHOLD.set(model.threshold or 0.0)
             ESTIMATED.set(model.estimated_accuracy)
             spent = model.budget_spent()
-            async with self._pool.acquire() as conn:
-                waiting = await repo.waiting_for_people(conn, project_id, all_but_synthetic=spent)
-            X_waiting = (
-                features(np.vstack([w.embedding for w in waiting]), np.vstack([w.zero_shot for w in waiting]))
-                if waiting
-                else np.zeros((0, model.n_features))
-            )
+            waiting, X_waiting = await self._waiting(model, spent=spent)
             project = model.project
             if spent:
                 await self._finalize_below_target(model, waiting, X_waiting)
@@ -352,6 +352,15 @@ class Scorer:
                     len(waiting),
                     len(accepted_ids),
                 )
+
+    async def _waiting(self, model: ProjectModel, *, spent: bool) -> tuple[list[repo.Waiting], np.ndarray]:
+        """Items a refit may still decide, with their feature rows."""
+        async with self._pool.acquire() as conn:
+            waiting = await repo.waiting_for_people(conn, model.project.project_id, all_but_synthetic=spent)
+        if not waiting:
+            return waiting, np.zeros((0, model.n_features))
+        X = features(np.vstack([w.embedding for w in waiting]), np.vstack([w.zero_shot for w in waiting]))
+        return waiting, X
 
     async def _finalize_below_target(
         self, model: ProjectModel, waiting: list[repo.Waiting], X: np.ndarray

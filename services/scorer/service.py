@@ -85,7 +85,7 @@ class ProjectModel:
     @property
     def version(self) -> str:
         kind = "lr" if self.classifier.uses_lr else "centroid"
-        return f"{kind}-r{self.refits}-n{self._n}"
+        return f"{kind}-r{self.refits}-n{self.classifier.n_fitted}"
 
     @property
     def X(self) -> np.ndarray:
@@ -127,11 +127,13 @@ class ProjectModel:
     def label_issues(self, limit: int) -> list[tuple[str, int]]:
         """Human labels the out-of-fold model contradicts with confidence and nobody re-checked yet:
         (item id, the model's label), at most `limit`."""
-        if self.n_labels < LABEL_AUDIT_MIN_LABELS or self.classifier.n_fitted != self.n_labels:
+        n = self.classifier.n_fitted
+        if n < LABEL_AUDIT_MIN_LABELS:
             return []
         oof = self.classifier.oof_proba()
         out = []
-        for row in label_issues(oof, self.y, LABEL_AUDIT_MIN_CONFIDENCE):
+        # The rows the last refit saw (labels arriving during it are checked after the next one).
+        for row in label_issues(oof, self.y[:n], LABEL_AUDIT_MIN_CONFIDENCE):
             item_id = self.item_ids[row]
             if item_id not in self.second_opinion_asked:
                 out.append((item_id, int(oof[row].argmax())))
@@ -144,10 +146,12 @@ class ProjectModel:
         self.recent_audits.extend(agreed)
 
     def _audits_miss_target(self) -> bool:
-        n = len(self.recent_audits)
+        # A copy: the event loop may append audit results while a refit runs in a worker thread.
+        recent = tuple(self.recent_audits)
+        n = len(recent)
         if n < AUDIT_MIN:
             return False
-        agreed = sum(self.recent_audits)
+        agreed = sum(recent)
         upper = 1.0 - wilson_lower_bound(n - agreed, n, self.config.z)
         k = self.label_embeddings.shape[0]
         return upper < agreement_target(self.config.target_accuracy, self.config.annotator_error, k)
@@ -157,27 +161,33 @@ class ProjectModel:
 
         The threshold in force is the strictest of the last `confirmations` estimates (see
         policy_lr.threshold_in_force).
+
+        Safe to run in a worker thread while the event loop adds labels: it fits on the rows
+        present when it starts (appends never touch them; a relabel is copied out), and labels
+        that arrive meanwhile stay pending for the next refit.
         """
-        if self.n_labels == 0:
+        n, pending = self._n, self.pending_labels
+        X, y = self._X[:n], self._y[:n].copy()
+        if n == 0:
             estimate = None
             self.classifier.fit(np.zeros((0, self.n_features)), np.zeros(0, dtype=np.int64))
         else:
-            estimate = calibrate(self.classifier, self.X, self.y, self.config)
+            estimate = calibrate(self.classifier, X, y, self.config)
         self._estimates.append(estimate)
         self.threshold = threshold_in_force(self._estimates, self.config.confirmations)
-        self.estimated_accuracy = self._accuracy_above_threshold()
+        self.estimated_accuracy = self._accuracy_above_threshold(y)
         self.audit_alarm = self._audits_miss_target()
         self.refits += 1
-        self.pending_labels = 0
+        self.pending_labels -= pending
 
-    def _accuracy_above_threshold(self) -> float:
-        if self.threshold is None or self.classifier.n_fitted == 0:
+    def _accuracy_above_threshold(self, y: np.ndarray) -> float:
+        if self.threshold is None or y.size == 0:
             return 0.0
         oof = self.classifier.oof_proba()
         above = confidence_of(oof) >= self.threshold
         if not above.any():
             return 0.0
-        return float((oof.argmax(axis=1)[above] == self.y[above]).mean())
+        return float((oof.argmax(axis=1)[above] == y[above]).mean())
 
     def budget_spent(self, extra_seen: int = 0) -> bool:
         """True when people have labeled as many items as the project's human budget allows."""
