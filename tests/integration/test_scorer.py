@@ -58,6 +58,15 @@ class World:
     def item(self, label: int, noise: float = 0.15) -> np.ndarray:
         return self._unit(self.centers[label] + noise * self.rng.normal(size=DIM))
 
+    def labeled(self, n: int, truth: dict[str, int], noise: float = 0.15) -> list[tuple[str, np.ndarray]]:
+        """n new items cycling through the classes; their true labels go into truth."""
+        out = []
+        for i in range(n):
+            item_id = str(uuid.uuid4())
+            truth[item_id] = i % len(LABELS)
+            out.append((item_id, self.item(i % len(LABELS), noise)))
+        return out
+
     def blend(self, a: int, b: int, w: float, noise: float = 0.05) -> np.ndarray:
         return self._unit(w * self.centers[a] + (1 - w) * self.centers[b] + noise * self.rng.normal(size=DIM))
 
@@ -153,22 +162,14 @@ async def test_threshold_routing_rescoring_and_withdrawal(env: tuple[Stack, Clie
     truth: dict[str, int] = {}
 
     # Warm-up: nothing is auto-accepted before enough human labels, however clear the item.
-    warm = []
-    for i in range(30):
-        item_id = str(uuid.uuid4())
-        truth[item_id] = i % 3
-        warm.append((item_id, world.item(i % 3)))
+    warm = world.labeled(30, truth)
     await _predict(stack, world, project, warm)
     await _eventually(lambda: _in_review(clients, project, 30), "30 warm-up tasks")
     s = await _stats(clients, project)
     assert s.scorer.auto_accepted == 0 and not s.scorer.auto_accepting
 
     # Clear items keep waiting in review while people label the first ones.
-    waiting = []
-    for i in range(30):
-        item_id = str(uuid.uuid4())
-        truth[item_id] = i % 3
-        waiting.append((item_id, world.item(i % 3, noise=0.1)))
+    waiting = world.labeled(30, truth, noise=0.1)
     await _predict(stack, world, project, waiting)
     await _eventually(lambda: _in_review(clients, project, 60), "60 tasks waiting")
 
@@ -238,11 +239,7 @@ async def test_audit_arm_sends_a_share_of_confident_items_to_people(env: tuple[S
     # last few labels may close the threshold again, and items decided meanwhile would go to people
     # as random samples rather than audits.
     for _ in range(10):
-        batch = []
-        for i in range(12):
-            item_id = str(uuid.uuid4())
-            truth[item_id] = i % 3
-            batch.append((item_id, world.item(i % 3)))
+        batch = world.labeled(12, truth)
         await _predict(stack, world, project, batch)
         await _eventually(lambda: _predicted(clients, project, len(truth)), "the items")
         await _label_all(clients, project, truth, limit=1000)
@@ -252,11 +249,7 @@ async def test_audit_arm_sends_a_share_of_confident_items_to_people(env: tuple[S
     assert await _auto_accepting(clients, project, settled=True)
 
     before = await _stats(clients, project)
-    confident = []
-    for i in range(60):
-        item_id = str(uuid.uuid4())
-        truth[item_id] = i % 3
-        confident.append((item_id, world.item(i % 3, noise=0.0)))
+    confident = world.labeled(60, truth, noise=0.0)
     await _predict(stack, world, project, confident)
     await _eventually(lambda: _predicted(clients, project, len(truth)), "the confident items")
     s = await _stats(clients, project)
@@ -317,11 +310,7 @@ async def test_contradicted_human_labels_get_a_second_opinion_from_someone_else(
     # A target no threshold reaches with these few labels: every item goes to people.
     project = await _project(clients, "rechecked", audit_rate=0.0, target=0.999)
     truth: dict[str, int] = {}
-    items = []
-    for i in range(90):
-        item_id = str(uuid.uuid4())
-        truth[item_id] = i % 3
-        items.append((item_id, world.item(i % 3, noise=0.1)))
+    items = world.labeled(90, truth, noise=0.1)
     await _predict(stack, world, project, items)
     await _eventually(lambda: _in_review(clients, project, 90), "the first tasks")
 
