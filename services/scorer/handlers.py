@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import TypeVar
@@ -105,6 +106,9 @@ class Scorer:
             model.add_labels(features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids)
         model.refit()
         self._models[project.project_id] = model
+        if model.budget_spent():
+            # A restart between stopping people and finalizing must not leave items waiting.
+            self._refit_now(project.project_id)
         log.info(
             "model for %s ready: %d human labels, threshold %s",
             project.project_id,
@@ -249,12 +253,14 @@ class Scorer:
                 )
                 model.add_audit_results(n.label == n.predicted_label for n in new if n.reason == "audit")
                 if model.budget_spent():
-                    # Stop people at once, with the model as it is: waiting for a refit (seconds
-                    # on large label spaces) would let them label past the budget meanwhile.
-                    waiting, X_waiting = await self._waiting(model, spent=True)
-                    await self._finalize_below_target(model, waiting, X_waiting)
-                self._dirty.setdefault(project.project_id, time.monotonic())
-                self._wake.set()
+                    # Stop people at once, but finalize with a model that has seen every label:
+                    # the last seconds of labels are missing from the current one, and it would
+                    # label every waiting item for good. The refit loop runs that refit now.
+                    await self._withdraw_open_tasks(model)
+                    self._refit_now(project.project_id)
+                else:
+                    self._dirty.setdefault(project.project_id, time.monotonic())
+                    self._wake.set()
 
     # -- refit and re-score --------------------------------------------------------------------
 
@@ -297,6 +303,10 @@ class Scorer:
             waiting, X_waiting = await self._waiting(model, spent=spent)
             project = model.project
             if spent:
+                if model.pending_labels:
+                    # Labels of tasks leased before the budget ran out came in during the fit.
+                    self._refit_now(project_id)
+                    return
                 await self._finalize_below_target(model, waiting, X_waiting)
                 return
             result = model.rescore(X_waiting)
@@ -352,6 +362,30 @@ class Scorer:
                     len(waiting),
                     len(accepted_ids),
                 )
+
+    def _refit_now(self, project_id: str) -> None:
+        """Make the project's next refit due at once, whatever the refit interval."""
+        self._dirty[project_id] = -math.inf
+        self._wake.set()
+
+    async def _withdraw_open_tasks(self, model: ProjectModel) -> None:
+        """Take every waiting item's task out of review; the items stay waiting for the model."""
+        project_id = model.project.project_id
+        async with self._pool.acquire() as conn, conn.transaction():
+            waiting = await repo.waiting_for_people(conn, project_id, all_but_synthetic=True)
+            if not waiting:
+                return
+            await repo.publish(
+                conn,
+                self._outgoing(
+                    project_id,
+                    f"spent:{project_id}:{model.n_labels}",
+                    [],
+                    [],
+                    sorted(w.item_id for w in waiting),
+                ),
+            )
+        self._relay.notify()
 
     async def _waiting(self, model: ProjectModel, *, spent: bool) -> tuple[list[repo.Waiting], np.ndarray]:
         """Items a refit may still decide, with their feature rows."""
