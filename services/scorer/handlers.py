@@ -246,6 +246,9 @@ class Scorer:
                 # Two of three votes (the second person and the model) against the first label.
                 model.relabel(o.item_id, o.second_label)
             if new:
+                # Labels of tasks people held when the budget ran out keep arriving: their tasks
+                # were withdrawn already.
+                was_spent = model.budget_spent()
                 model.add_labels(
                     features(np.vstack([n.embedding for n in new]), np.vstack([n.zero_shot for n in new])),
                     np.array([n.label for n in new]),
@@ -253,10 +256,11 @@ class Scorer:
                 )
                 model.add_audit_results(n.label == n.predicted_label for n in new if n.reason == "audit")
                 if model.budget_spent():
+                    if not was_spent:
+                        await self._withdraw_open_tasks(model)
                     # Stop people at once, but finalize with a model that has seen every label:
                     # the last seconds of labels are missing from the current one, and it would
                     # label every waiting item for good. The refit loop runs that refit now.
-                    await self._withdraw_open_tasks(model)
                     self._refit_now(project.project_id)
                 else:
                     self._dirty.setdefault(project.project_id, time.monotonic())
@@ -300,13 +304,13 @@ class Scorer:
             THRESHOLD.set(model.threshold or 0.0)
             ESTIMATED.set(model.estimated_accuracy)
             spent = model.budget_spent()
+            if spent and model.pending_labels:
+                # Labels of tasks leased before the budget ran out came in during the fit.
+                self._refit_now(project_id)
+                return
             waiting, X_waiting = await self._waiting(model, spent=spent)
             project = model.project
             if spent:
-                if model.pending_labels:
-                    # Labels of tasks leased before the budget ran out came in during the fit.
-                    self._refit_now(project_id)
-                    return
                 await self._finalize_below_target(model, waiting, X_waiting)
                 return
             result = model.rescore(X_waiting)
