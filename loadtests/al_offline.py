@@ -296,6 +296,10 @@ def simulate(
     wrong_shift = rng.integers(1, max(k, 2), size=n)
     errs = rng.random(n) < params.annotator_error
     human = np.where(errs, (gold + wrong_shift) % k, gold)
+    # As in the scorer: one draw picks the random sample before a threshold exists, an independent
+    # one the audits after, and an item once held for people stays with them.
+    audit_draws = rng.random(n)
+    held = np.zeros(n, dtype=bool)
 
     final = np.full(n, -1, dtype=np.int64)
     source = np.zeros(n, dtype=np.int8)  # 1 auto, 2 review, 3 audit / random sample
@@ -325,7 +329,12 @@ def simulate(
             kinds = np.ones(waiting.size, dtype=np.int8)
             prio = draws[waiting]
         else:
-            kinds, lbls, prio = model.route(p, threshold, draws[waiting], len(labeled))
+            u = (draws if threshold is None else audit_draws)[waiting]
+            kinds, lbls, prio = model.route(p, threshold, u, len(labeled))
+            was_held = held[waiting]
+            kinds = np.where(was_held, np.int8(2), kinds)
+            prio = np.where(was_held, cfg.audit_priority, prio)
+            held[waiting[kinds == 2]] = True
             auto = kinds == 0
             final[waiting[auto]] = lbls[auto]
             source[waiting[auto]] = 1

@@ -82,12 +82,15 @@ async def upsert_tasks(conn: asyncpg.Connection, tasks: Sequence[tasks_pb2.Revie
             [t.round for t in full],
         )
     if rerank:
+        # A re-rank may also change why people see the item (a waiting item drawn for audit).
         await conn.execute(
-            "UPDATE review.tasks t SET priority = r.priority, updated_at = now()"
-            " FROM unnest($1::uuid[], $2::float8[]) AS r(item_id, priority)"
+            "UPDATE review.tasks t SET priority = r.priority,"
+            " reason = COALESCE(NULLIF(r.reason, ''), t.reason), updated_at = now()"
+            " FROM unnest($1::uuid[], $2::float8[], $3::text[]) AS r(item_id, priority, reason)"
             " WHERE t.item_id = r.item_id AND t.state = 'open'",
             [t.item_id for t in rerank],
             [t.priority for t in rerank],
+            [t.reason for t in rerank],
         )
 
 

@@ -313,13 +313,17 @@ class Scorer:
             if spent:
                 await self._finalize_below_target(model, waiting, X_waiting)
                 return
-            result = model.rescore(X_waiting)
+            result = model.rescore(X_waiting, [w.item_id for w in waiting])
             # Only changes that can reorder the queue travel to review; a large pool would
             # otherwise resend every waiting task after every refit.
             result.reprioritize = [
                 (row, prio)
                 for row, prio in result.reprioritize
                 if abs(prio - waiting[row].priority) > RERANK_EPSILON
+            ]
+            held = [
+                (waiting[row].item_id, reason, label, conf, prio)
+                for row, label, conf, prio, reason in result.audit
             ]
             async with self._pool.acquire() as conn, conn.transaction():
                 await repo.save_model_state(
@@ -338,12 +342,16 @@ class Scorer:
                 await repo.update_priorities(
                     conn, [(waiting[row].item_id, prio) for row, prio in result.reprioritize]
                 )
+                await repo.hold_for_people(conn, held)
                 # Re-ranking carries no text: the task exists in review already (see ReviewTask).
                 tasks = [
                     tasks_pb2.ReviewTask(
                         item_id=waiting[row].item_id, project_id=project_id, priority=prio, reason="uncertain"
                     )
                     for row, prio in result.reprioritize
+                ] + [
+                    tasks_pb2.ReviewTask(item_id=item_id, project_id=project_id, priority=prio, reason=reason)
+                    for item_id, reason, _, _, prio in held
                 ]
                 await repo.publish(
                     conn,
@@ -356,15 +364,18 @@ class Scorer:
             await self._publish_demonstrations(model)
             WITHDRAWN.inc(len(accepted_ids))
             DECISIONS.labels("rescored").inc(len(accepted_ids))
+            for _, reason, _, _, _ in held:
+                DECISIONS.labels(reason).inc()
             if accepted_ids or model.refits % 10 == 0:
                 log.info(
-                    "refit %s #%d: %d labels, threshold %s, %d waiting, %d auto-accepted",
+                    "refit %s #%d: %d labels, threshold %s, %d waiting, %d auto-accepted, %d held for audit",
                     project_id,
                     model.refits,
                     model.n_labels,
                     None if model.threshold is None else round(model.threshold, 4),
                     len(waiting),
                     len(accepted_ids),
+                    len(held),
                 )
 
     def _refit_now(self, project_id: str) -> None:

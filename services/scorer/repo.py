@@ -327,6 +327,28 @@ async def update_priorities(conn: asyncpg.Connection, changes: Sequence[tuple[st
     )
 
 
+async def hold_for_people(
+    conn: asyncpg.Connection, held: Sequence[tuple[str, str, int, float, float]]
+) -> None:
+    """Turn waiting items into audits or random samples: (item id, reason, the model's label,
+    confidence, priority). The label is what people's answer is compared with (recent_audits), and
+    the reason keeps them out of waiting_for_people, so no later refit accepts them."""
+    if not held:
+        return
+    await conn.execute(
+        "UPDATE scorer.items i SET reason = h.reason, predicted_label = h.label, confidence = h.conf,"
+        " priority = h.prio"
+        " FROM unnest($1::uuid[], $2::text[], $3::int[], $4::real[], $5::real[])"
+        " AS h(item_id, reason, label, conf, prio)"
+        " WHERE i.item_id = h.item_id AND i.state = 'review'",
+        [h[0] for h in held],
+        [h[1] for h in held],
+        [h[2] for h in held],
+        [h[3] for h in held],
+        [h[4] for h in held],
+    )
+
+
 async def publish(conn: asyncpg.Connection, outgoing: Sequence[Outgoing]) -> None:
     await enqueue(conn, SCHEMA, outgoing)
 

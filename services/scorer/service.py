@@ -15,7 +15,6 @@ from services.scorer.policy import (
     agreement_target,
     confidence_of,
     label_issues,
-    margin,
     wilson_lower_bound,
 )
 from services.scorer.policy_lr import LRClassifier, LRPolicyConfig, calibrate, route, threshold_in_force
@@ -42,6 +41,9 @@ class Rescored:
 
     accept: list[tuple[int, int, float]] = field(default_factory=list)  # (row, label, confidence)
     reprioritize: list[tuple[int, float]] = field(default_factory=list)  # (row, new priority)
+    # Items drawn for people whatever the model thinks: (row, label, confidence, priority, reason),
+    # reason "audit" (an auto-acceptable item) or "sample" (drawn before any threshold exists).
+    audit: list[tuple[int, int, float, float, str]] = field(default_factory=list)
 
 
 class ProjectModel:
@@ -212,25 +214,48 @@ class ProjectModel:
         """After the random warm-up, people get the items the model is least sure about first."""
         return self.n_labels >= self.config.min_human_labels
 
+    def _draws(self, item_ids: list[str], threshold: float | None) -> np.ndarray:
+        """Per item: the draw that picks the random sample before a threshold exists, and an
+        independent one for audits after. A pool is decided before any threshold, so with one
+        draw for both every item it would audit would have been sampled already."""
+        salt = "audit" if threshold is not None else "sample"
+        return np.array([unit_draw(i, salt) for i in item_ids], dtype=np.float64)
+
     def decide(self, X: np.ndarray, item_ids: list[str]) -> list[Decision]:
-        draws = np.array([unit_draw(i) for i in item_ids], dtype=np.float64)
         alarm = self.audit_alarm and self.threshold is not None
         config = replace(self.config, audit_rate=1.0) if alarm else self.config
+        draws = self._draws(item_ids, self.threshold)
         return route(self.predict_proba(X), self.threshold, draws, self.n_labels, config).decisions()
 
-    def rescore(self, X: np.ndarray) -> Rescored:
-        """Items waiting for people: accept those that now clear the threshold, re-rank the rest."""
+    def rescore(self, X: np.ndarray, item_ids: list[str]) -> Rescored:
+        """Items waiting for people: accept those that now clear the threshold, re-rank the rest, and
+        hold back the random audit share exactly as `decide` does for new items.
+
+        In a pool every item is decided before the first human label, so without the draw here
+        nothing auto-accepted would ever be audited and the threshold would rest on labels picked
+        for their ambiguity alone (AG News, 18% budget: 74.4% auto-accepted at 0.9287 for 0.95).
+        """
         out = Rescored()
         if len(X) == 0 or not self.ranks_by_ambiguity:
             return out
-        probs = self.predict_proba(X)
-        conf = confidence_of(probs)
-        labels = probs.argmax(axis=1)
-        priority = 1.0 - margin(probs)
+        # Under an audit alarm nothing is accepted; the random sample keeps being drawn.
         threshold = None if self.audit_alarm else self.threshold
-        for row in range(len(X)):
-            if threshold is not None and conf[row] >= threshold:
-                out.accept.append((row, int(labels[row]), float(conf[row])))
+        draws = self._draws(item_ids, threshold)
+        routing = route(self.predict_proba(X), threshold, draws, self.n_labels, self.config)
+        reason = "audit" if threshold is not None else "sample"
+        for row, (kind, label, conf, priority) in enumerate(
+            zip(
+                routing.kind.tolist(),
+                routing.label.tolist(),
+                routing.confidence.tolist(),
+                routing.priority.tolist(),
+                strict=True,
+            )
+        ):
+            if kind == 0:
+                out.accept.append((row, label, conf))
+            elif kind == 2:
+                out.audit.append((row, label, conf, priority, reason))
             else:
-                out.reprioritize.append((row, float(priority[row])))
+                out.reprioritize.append((row, priority))
         return out

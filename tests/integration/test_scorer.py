@@ -269,6 +269,36 @@ async def test_audit_arm_sends_a_share_of_confident_items_to_people(env: tuple[S
     assert s.scorer.audit_accuracy == 1.0 and s.scorer.audit_accuracy_low > 0.8
 
 
+async def test_items_waiting_when_a_threshold_opens_are_audited_at_the_audit_share(
+    env: tuple[Stack, Clients],
+) -> None:
+    stack, clients = env
+    world = World(seed=11)
+    project = await _project(clients, "pool", audit_rate=0.5, target=0.8)
+    truth: dict[str, int] = {}
+    # A pool: every item is decided before the first human label, so whatever is auto-accepted
+    # later comes from re-scoring waiting items, and so must the audits.
+    pool = world.labeled(40, truth) + world.labeled(60, truth, noise=0.0)
+    await _predict(stack, world, project, pool)
+    await _eventually(lambda: _in_review(clients, project, len(pool)), "the pool in review")
+    labeled = 0
+    while labeled < 60 and not await _withdrawn(clients, project):
+        labeled += len(await _label_all(clients, project, truth, limit=4))
+        with contextlib.suppress(AssertionError):
+            await _eventually(lambda: _withdrawn(clients, project), "withdrawn tasks", 3)
+    assert await _withdrawn(clients, project), f"nothing accepted after {labeled} labels"
+    s = (await _stats(clients, project)).scorer
+    # Half of what the threshold would accept (a deterministic draw per item id) stays with people
+    # as audits; before the threshold the same draw picked random samples of every item.
+    assert s.auto_accepted > 0 and s.audits > 0, s
+    assert 0.25 <= s.audits / (s.audits + s.auto_accepted) <= 0.75, s
+    served = await _label_all(clients, project, truth, limit=1000)
+    assert any(t.reason == "audit" for t in served)
+    await _eventually(lambda: _all_decided(clients, project, len(pool)), "every item decided")
+    s = (await _stats(clients, project)).scorer
+    assert s.audited == s.audits and s.audit_accuracy_low > 0.5, s
+
+
 async def _in_review(clients: Clients, project: str, n: int) -> bool:
     return (await clients.stats(project)).review.open >= n
 

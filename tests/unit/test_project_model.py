@@ -61,13 +61,13 @@ def test_threshold_appears_with_labels_and_auto_accepts_are_accurate() -> None:
 def test_rescore_accepts_waiting_items_once_the_model_is_sure() -> None:
     centers, X, y = _world(noise=0.2)
     model = ProjectModel(PROJECT, centers, CONFIG)
-    waiting = X[200:260]
-    before = model.rescore(waiting)
+    waiting, ids = X[200:260], _ids(200, 260)
+    before = model.rescore(waiting, ids)
     assert not before.accept and not before.reprioritize  # no threshold yet: leave them alone
     model.add_labels(X[:150], y[:150], _ids(0, 150))
     model.refit()
-    after = model.rescore(waiting)
-    assert len(after.accept) + len(after.reprioritize) == len(waiting)
+    after = model.rescore(waiting, ids)
+    assert len(after.accept) + len(after.reprioritize) + len(after.audit) == len(waiting)
     assert len(after.accept) > len(waiting) // 2
     assert all(0.0 <= p <= 1.0 for _, p in after.reprioritize)
 
@@ -80,7 +80,7 @@ def test_a_threshold_is_only_acted_on_once_consecutive_refits_confirm_it() -> No
     assert model.threshold is None  # one estimate is not enough
     ids = [str(i) for i in range(120, 300)]
     assert not any(d.kind is DecisionKind.AUTO for d in model.decide(X[120:], ids))
-    assert not model.rescore(X[120:]).accept
+    assert not model.rescore(X[120:], ids).accept
     model.add_labels(X[120:130], y[120:130], _ids(120, 130))
     model.refit()
     assert model.threshold is not None
@@ -93,7 +93,7 @@ def test_review_order_is_random_during_warm_up_then_by_ambiguity() -> None:
     model = ProjectModel(PROJECT, centers, replace(CONFIG, min_support=10_000, audit_rate=0.0))
     ids = _ids(100, 300)
     warm = model.decide(X[100:], ids)
-    assert [d.priority for d in warm] == [unit_draw(i) for i in ids]
+    assert [d.priority for d in warm] == [unit_draw(i, "sample") for i in ids]
     model.add_labels(X[:20], y[:20], _ids(0, 20))
     model.refit()
     decisions = model.decide(X[100:], ids)
@@ -131,7 +131,7 @@ def test_failed_audits_send_every_auto_acceptable_item_to_people() -> None:
     decisions = model.decide(X[150:], ids)
     assert not any(d.kind is DecisionKind.AUTO for d in decisions)
     assert any(d.kind is DecisionKind.AUDIT for d in decisions)
-    assert not model.rescore(X[150:]).accept
+    assert not model.rescore(X[150:], ids).accept
 
     model.add_audit_results([True] * 50)  # fresh audits agree again
     model.refit()
@@ -195,3 +195,31 @@ def test_confident_contradictions_of_human_labels_are_sent_for_a_second_opinion(
 
     model.relabel("item-5", int(y[5]))
     assert model.y[5] == y[5] and model.pending_labels == 1
+
+
+def test_rescore_holds_back_the_audit_share_of_what_it_would_accept() -> None:
+    centers, X, y = _world(noise=0.2)
+    model = ProjectModel(PROJECT, centers, replace(CONFIG, audit_rate=0.2, min_support=30))
+    waiting, ids = X[150:], _ids(150, 300)
+    model.add_labels(X[:20], y[:20], _ids(0, 20))
+    model.refit()
+    # Reviews ranked by ambiguity but no threshold yet: a random sample of every item is drawn.
+    assert model.ranks_by_ambiguity and model.threshold is None
+    early = model.rescore(waiting, ids)
+    drawn = {ids[row] for row, *_ in early.audit}
+    assert drawn == {i for i in ids if unit_draw(i, "sample") < 0.2}
+    assert all(reason == "sample" for *_, reason in early.audit)
+
+    model.add_labels(X[20:150], y[20:150], _ids(20, 150))
+    model.refit()
+    assert model.threshold is not None
+    later = model.rescore(waiting, ids)
+    accepted = {ids[row] for row, _, _ in later.accept}
+    audited = {ids[row] for row, *_ in later.audit}
+    assert accepted and audited and not accepted & audited
+    # Audits are auto-acceptable items the draw picked, labeled as the model would accept them.
+    assert all(unit_draw(i) < 0.2 for i in audited) and all(unit_draw(i) >= 0.2 for i in accepted)
+    probs = model.predict_proba(waiting)
+    for row, label, conf, priority, reason in later.audit:
+        assert reason == "audit" and priority == model.config.audit_priority
+        assert label == probs[row].argmax() and conf >= model.threshold
