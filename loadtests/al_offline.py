@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-from services.scorer.policy import CentroidClassifier, PolicyConfig, calibrate, decide
+from services.scorer.policy import CentroidClassifier, PolicyConfig, calibrate, decide, label_issues
 from services.scorer.policy_lr import (
     HumanBudget,
     LRClassifier,
@@ -49,6 +49,7 @@ from services.scorer.policy_lr import (
     threshold_in_force,
 )
 from services.scorer.policy_lr import calibrate as calibrate_lr
+from services.scorer.service import LABEL_AUDIT_MIN_CONFIDENCE, LABEL_AUDIT_MIN_LABELS
 
 # The shared datasets sit beside the repository (../shared/datasets); TANDEM_DATASETS overrides.
 DATASETS = Path(
@@ -174,6 +175,10 @@ class SimParams:
     # Stop once people have labeled this share (open items are then finalized with the model's label).
     max_share: float = 1.0
     budget: HumanBudget | None = None
+    # Label-error audit, as the scorer runs it: after each refit up to this many human labels the
+    # out-of-fold model contradicts with confidence go to a second person, and a second label that
+    # sides with the model replaces the first (0 = off, the harness's behaviour before).
+    second_opinions: int = 0
 
 
 @dataclass
@@ -300,6 +305,9 @@ def simulate(
     # one the audits after, and an item once held for people stays with them.
     audit_draws = rng.random(n)
     held = np.zeros(n, dtype=bool)
+    # Second opinions draw from their own stream, so switching them on leaves every other draw alone.
+    second_rng = np.random.default_rng(params.seed + 1_000_003)
+    asked = np.zeros(n, dtype=bool)
 
     final = np.full(n, -1, dtype=np.int64)
     source = np.zeros(n, dtype=np.int8)  # 1 auto, 2 review, 3 audit / random sample
@@ -363,6 +371,8 @@ def simulate(
         # refit (auto-accepted items included: their frozen labels are model labels too).
         unl = np.flatnonzero(source < 2)
         estimate = model.refit(idx, final[idx], np.asarray(sel_prob), not random_review, unl, probs[unl])
+        if params.second_opinions and model.kind == "lr":
+            _second_opinions(model.lr, idx, final, asked, gold, second_rng, params, k)
         estimates.append(estimate)
         # The scorer's rule for the LR policy; the centroid policy acts on every estimate.
         threshold = threshold_in_force(estimates, cfg.confirmations) if model.kind == "lr" else estimate
@@ -393,6 +403,36 @@ def simulate(
         seconds=time.perf_counter() - t0,
         thresholds=thresholds,
     )
+
+
+def _second_opinions(
+    lr: LRClassifier,
+    idx: np.ndarray,
+    final: np.ndarray,
+    asked: np.ndarray,
+    gold: np.ndarray,
+    rng: np.random.Generator,
+    params: SimParams,
+    k: int,
+) -> None:
+    """The scorer's label-error audit (ProjectModel.label_issues + the consensus rule), in place on
+    `final`: the corrected labels train the next refit."""
+    if idx.size < LABEL_AUDIT_MIN_LABELS:
+        return
+    oof = lr.oof_proba()
+    fitted = idx[: oof.shape[0]]
+    suspects = [
+        r
+        for r in label_issues(oof, final[fitted], LABEL_AUDIT_MIN_CONFIDENCE).tolist()
+        if not asked[fitted[r]]
+    ][: params.second_opinions]
+    for r in suspects:
+        item = int(fitted[r])
+        asked[item] = True
+        wrong = rng.random() < params.annotator_error
+        second = int((gold[item] + rng.integers(1, max(k, 2))) % k) if wrong else int(gold[item])
+        if second != final[item] and second == int(oof[r].argmax()):
+            final[item] = second
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -447,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--arrival-ratio", type=float, default=0.0)
     ap.add_argument("--max-share", type=float, default=0.6)
     ap.add_argument("--check-budget", type=float, help="also replay a run with this budget share")
+    ap.add_argument(
+        "--second-opinions",
+        type=int,
+        default=0,
+        help="label-error audit: second opinions per refit (scorer: 5)",
+    )
     ap.add_argument("--set", nargs="*", default=[], help="LRPolicyConfig overrides, e.g. l2=0.1 folds=5")
     args = ap.parse_args(argv)
 
@@ -480,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         refit_growth=args.refit_growth,
                         arrival_ratio=args.arrival_ratio,
                         max_share=args.max_share,
+                        second_opinions=args.second_opinions,
                     )
                     r = simulate(enc, pool.gold, pol, cfg, params)
                     rows[pol].append(r)
