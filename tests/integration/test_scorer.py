@@ -176,12 +176,7 @@ async def test_threshold_routing_rescoring_and_withdrawal(env: tuple[Stack, Clie
     # A refit sets a threshold and re-scores what waits: clear items are accepted and their tasks
     # withdrawn from the review queue. Labels go in fours: whether a refit on 16 labels or on 20
     # first clears the bound depends on which items people got.
-    labeled = 0
-    while labeled < 40 and not await _withdrawn(clients, project):
-        labeled += len(await _label_all(clients, project, truth, limit=4))
-        with contextlib.suppress(AssertionError):
-            await _eventually(lambda: _withdrawn(clients, project), "withdrawn tasks", 3)
-    assert await _withdrawn(clients, project), f"no task withdrawn after {labeled} labels"
+    await _label_until_withdrawn(clients, project, truth, most=40)
     s = await _stats(clients, project)
     assert s.scorer.auto_accepting and 0 < s.scorer.threshold < 1
     assert s.scorer.withdrawn > 0 and s.review.withdrawn > 0
@@ -281,12 +276,7 @@ async def test_items_waiting_when_a_threshold_opens_are_audited_at_the_audit_sha
     pool = world.labeled(40, truth) + world.labeled(60, truth, noise=0.0)
     await _predict(stack, world, project, pool)
     await _eventually(lambda: _in_review(clients, project, len(pool)), "the pool in review")
-    labeled = 0
-    while labeled < 60 and not await _withdrawn(clients, project):
-        labeled += len(await _label_all(clients, project, truth, limit=4))
-        with contextlib.suppress(AssertionError):
-            await _eventually(lambda: _withdrawn(clients, project), "withdrawn tasks", 3)
-    assert await _withdrawn(clients, project), f"nothing accepted after {labeled} labels"
+    await _label_until_withdrawn(clients, project, truth, most=60)
     s = (await _stats(clients, project)).scorer
     # Half of what the threshold would accept (a deterministic draw per item id) stays with people
     # as audits; before the threshold the same draw picked random samples of every item.
@@ -297,6 +287,16 @@ async def test_items_waiting_when_a_threshold_opens_are_audited_at_the_audit_sha
     await _eventually(lambda: _all_decided(clients, project, len(pool)), "every item decided")
     s = (await _stats(clients, project)).scorer
     assert s.audited == s.audits and s.audit_accuracy_low > 0.5, s
+
+
+async def _label_until_withdrawn(clients: Clients, project: str, truth: dict[str, int], most: int) -> None:
+    """Label four tasks at a time until a refit accepts waiting items and withdraws their tasks."""
+    labeled = 0
+    while labeled < most and not await _withdrawn(clients, project):
+        labeled += len(await _label_all(clients, project, truth, limit=4))
+        with contextlib.suppress(AssertionError):
+            await _eventually(lambda: _withdrawn(clients, project), "withdrawn tasks", 3)
+    assert await _withdrawn(clients, project), f"no task withdrawn after {labeled} labels"
 
 
 async def _in_review(clients: Clients, project: str, n: int) -> bool:
