@@ -368,11 +368,14 @@ class Scorer:
                 DECISIONS.labels(reason).inc()
             if accepted_ids or model.refits % 10 == 0:
                 log.info(
-                    "refit %s #%d: %d labels, threshold %s, %d waiting, %d auto-accepted, %d held for audit",
+                    "refit %s #%d: %d labels, threshold %s (out-of-fold %.4f on %d labels above it),"
+                    " %d waiting, %d auto-accepted, %d held for audit",
                     project_id,
                     model.refits,
                     model.n_labels,
-                    None if model.threshold is None else round(model.threshold, 4),
+                    None if model.threshold is None else f"{model.threshold:.6f}",
+                    model.estimated_accuracy,
+                    model.support,
                     len(waiting),
                     len(accepted_ids),
                     len(held),

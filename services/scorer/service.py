@@ -78,6 +78,7 @@ class ProjectModel:
         # Threshold estimates of the last refits, newest last (see refit).
         self._estimates: deque[float | None] = deque(maxlen=self.config.confirmations)
         self.estimated_accuracy = 0.0  # leave-one-out accuracy above the threshold
+        self.support = 0  # human-labeled items the estimate above the threshold rests on
         self.refits = 0
         self.pending_labels = 0
         self.recent_audits: deque[bool] = deque(maxlen=AUDIT_WINDOW)
@@ -183,10 +184,12 @@ class ProjectModel:
         self.pending_labels -= pending
 
     def _accuracy_above_threshold(self, y: np.ndarray) -> float:
+        self.support = 0
         if self.threshold is None or y.size == 0:
             return 0.0
         oof = self.classifier.oof_proba()
         above = confidence_of(oof) >= self.threshold
+        self.support = int(above.sum())
         if not above.any():
             return 0.0
         return float((oof.argmax(axis=1)[above] == y[above]).mean())

@@ -51,6 +51,8 @@ def test_threshold_appears_with_labels_and_auto_accepts_are_accurate() -> None:
     model.add_labels(X[:120], y[:120], _ids(0, 120))
     model.refit()
     assert model.threshold is not None
+    # The estimate in force rests on at least min_support labeled items at or above the threshold.
+    assert CONFIG.min_support <= model.support <= 120 and 0.0 < model.estimated_accuracy <= 1.0
     decisions = model.decide(X[120:], [str(i) for i in range(len(X) - 120)])
     auto = [i for i, d in enumerate(decisions) if d.kind is DecisionKind.AUTO]
     assert auto, "a separable world must allow some auto-accepts"
