@@ -28,7 +28,7 @@ from services.gen.tandem.tasks.v1 import tasks_pb2
 from services.scorer import repo
 from services.scorer.policy import DecisionKind, wilson_lower_bound
 from services.scorer.policy_lr import LRPolicyConfig, features
-from services.scorer.service import AUDIT_WINDOW, ProjectModel
+from services.scorer.service import AUDIT_WINDOW, ProjectModel, held_reason
 from services.scorer.settings import ScorerSettings
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class Scorer:
             elif d.kind is DecisionKind.AUDIT:
                 # Before a threshold exists the draw samples all items, not auto-acceptable ones:
                 # their agreement says nothing about auto-accepted accuracy (see add_audit_results).
-                state, reason = "review", "audit" if model.threshold is not None else "sample"
+                state, reason = "review", held_reason(model.threshold)
             else:
                 state, reason = "review", "uncertain" if model.ranks_by_ambiguity else "warmup"
             rows.append(repo.ItemDecision(p.item_id, state, reason, d.label, d.confidence, priority))
@@ -369,7 +369,7 @@ class Scorer:
             if accepted_ids or model.refits % 10 == 0:
                 log.info(
                     "refit %s #%d: %d labels, threshold %s (out-of-fold %.4f on %d labels above it),"
-                    " %d waiting, %d auto-accepted, %d held for audit",
+                    " %d waiting, %d auto-accepted, %d held for people (sample or audit)",
                     project_id,
                     model.refits,
                     model.n_labels,

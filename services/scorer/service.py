@@ -29,6 +29,12 @@ LABEL_AUDIT_MIN_LABELS = 30
 LABEL_AUDIT_MIN_CONFIDENCE = 0.9
 
 
+def held_reason(threshold: float | None) -> str:
+    """Why the draw sends an item to people: a random "sample" of every item while no threshold
+    exists, an "audit" of an auto-acceptable one after. Also the salt of that draw (see _draws)."""
+    return "audit" if threshold is not None else "sample"
+
+
 def unit_draw(item_id: str, salt: str = "audit") -> float:
     """A uniform draw in [0, 1) fixed by the item id, so a redelivered item gets the same decision."""
     digest = hashlib.sha256(f"{salt}:{item_id}".encode()).digest()
@@ -221,7 +227,7 @@ class ProjectModel:
         """Per item: the draw that picks the random sample before a threshold exists, and an
         independent one for audits after. A pool is decided before any threshold, so with one
         draw for both every item it would audit would have been sampled already."""
-        salt = "audit" if threshold is not None else "sample"
+        salt = held_reason(threshold)
         return np.array([unit_draw(i, salt) for i in item_ids], dtype=np.float64)
 
     def decide(self, X: np.ndarray, item_ids: list[str]) -> list[Decision]:
@@ -245,7 +251,7 @@ class ProjectModel:
         threshold = None if self.audit_alarm else self.threshold
         draws = self._draws(item_ids, threshold)
         routing = route(self.predict_proba(X), threshold, draws, self.n_labels, self.config)
-        reason = "audit" if threshold is not None else "sample"
+        reason = held_reason(threshold)
         for row, (kind, label, conf, priority) in enumerate(
             zip(
                 routing.kind.tolist(),
