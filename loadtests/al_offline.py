@@ -259,7 +259,11 @@ class _Model:
             if not calibrate_too:
                 self.lr.fit(self.X[idx], y, pseudo=pseudo)
                 return None
-            return calibrate_lr(self.lr, self.X[idx], y, self.cfg, selection_prob=sel, pseudo=pseudo)
+            # As in the scorer, a random draw (warm-up, sample, audit) picked the rows people did not
+            # get for their ambiguity (selection probability 1).
+            return calibrate_lr(
+                self.lr, self.X[idx], y, self.cfg, selection_prob=sel, pseudo=pseudo, random=sel < 1.0
+            )
         if not calibrate_too:
             self.cent.fit(self.X[idx], y)
             return None

@@ -103,7 +103,9 @@ class Scorer:
         model.seen = seen
         model.second_opinion_asked = labeled.second_opinion_asked
         if len(labeled.y):
-            model.add_labels(features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids)
+            model.add_labels(
+                features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids, labeled.reasons
+            )
         model.refit()
         self._models[project.project_id] = model
         if model.budget_spent():
@@ -253,6 +255,7 @@ class Scorer:
                     features(np.vstack([n.embedding for n in new]), np.vstack([n.zero_shot for n in new])),
                     np.array([n.label for n in new]),
                     [n.item_id for n in new],
+                    [n.reason for n in new],
                 )
                 model.add_audit_results(n.label == n.predicted_label for n in new if n.reason == "audit")
                 if model.budget_spent():
@@ -368,14 +371,17 @@ class Scorer:
                 DECISIONS.labels(reason).inc()
             if accepted_ids or model.refits % 10 == 0:
                 log.info(
-                    "refit %s #%d: %d labels, threshold %s (out-of-fold %.4f on %d labels above it),"
-                    " %d waiting, %d auto-accepted, %d held for people (sample or audit)",
+                    "refit %s #%d: %d labels, threshold %s (out-of-fold %.4f on %d labels above it,"
+                    " %.4f on the %d of them drawn at random), %d waiting, %d auto-accepted,"
+                    " %d held for people (sample or audit)",
                     project_id,
                     model.refits,
                     model.n_labels,
                     None if model.threshold is None else f"{model.threshold:.6f}",
                     model.estimated_accuracy,
                     model.support,
+                    model.random_accuracy,
+                    model.random_support,
                     len(waiting),
                     len(accepted_ids),
                     len(held),

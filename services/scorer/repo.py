@@ -92,23 +92,25 @@ class HumanLabels:
     zero_shot: np.ndarray
     y: np.ndarray
     item_ids: list[str]
+    reasons: list[str]  # why each item went to people (see ProjectModel.is_random)
     second_opinion_asked: set[str]
 
 
 async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> HumanLabels:
     rows = await conn.fetch(
-        "SELECT item_id, embedding, zero_shot, human_label, second_opinion_requested FROM scorer.items"
+        "SELECT item_id, embedding, zero_shot, human_label, reason, second_opinion_requested FROM scorer.items"
         " WHERE project_id = $1 AND human_label IS NOT NULL ORDER BY labeled_at, item_id",
         project_id,
     )
     if not rows:
         empty = np.zeros((0, 0), dtype=np.float32)
-        return HumanLabels(empty, empty, np.zeros(0, dtype=np.int64), [], set())
+        return HumanLabels(empty, empty, np.zeros(0, dtype=np.int64), [], [], set())
     return HumanLabels(
         embeddings=np.vstack([_vec(r["embedding"]) for r in rows]),
         zero_shot=np.vstack([_probs(r["zero_shot"]) for r in rows]),
         y=np.array([r["human_label"] for r in rows], dtype=np.int64),
         item_ids=[str(r["item_id"]) for r in rows],
+        reasons=[r["reason"] for r in rows],
         second_opinion_asked={str(r["item_id"]) for r in rows if r["second_opinion_requested"]},
     )
 

@@ -29,6 +29,11 @@ LABEL_AUDIT_MIN_LABELS = 30
 LABEL_AUDIT_MIN_CONFIDENCE = 0.9
 
 
+# Reasons an item goes to people by a random draw rather than for its ambiguity (plus "warmup" for
+# the first min_human_labels labels, drawn at random before any model ranks the queue).
+RANDOM_REASONS = frozenset({"sample", "audit", "control"})
+
+
 def held_reason(threshold: float | None) -> str:
     """Why the draw sends an item to people: a random "sample" of every item while no threshold
     exists, an "audit" of an auto-acceptable one after. Also the salt of that draw (see _draws)."""
@@ -76,6 +81,7 @@ class ProjectModel:
         # would make a long project quadratic.
         self._X = np.zeros((64, self.n_features), dtype=np.float32)
         self._y = np.zeros(64, dtype=np.int64)
+        self._random = np.zeros(64, dtype=bool)
         self._n = 0
         self.item_ids: list[str] = []
         self._rows: dict[str, int] = {}
@@ -85,6 +91,8 @@ class ProjectModel:
         self._estimates: deque[float | None] = deque(maxlen=self.config.confirmations)
         self.estimated_accuracy = 0.0  # leave-one-out accuracy above the threshold
         self.support = 0  # human-labeled items the estimate above the threshold rests on
+        self.random_support = 0  # of which drawn at random
+        self.random_accuracy = 0.0  # their out-of-fold accuracy
         self.refits = 0
         self.pending_labels = 0
         self.recent_audits: deque[bool] = deque(maxlen=AUDIT_WINDOW)
@@ -108,9 +116,23 @@ class ProjectModel:
     def n_labels(self) -> int:
         return self._n
 
-    def add_labels(self, X: np.ndarray, y: np.ndarray, item_ids: list[str]) -> None:
+    @property
+    def random(self) -> np.ndarray:
+        """Per labeled row: whether people got it by a random draw (see is_random)."""
+        return self._random[: self._n]
+
+    def is_random(self, row: int, reason: str) -> bool:
+        """Whether the row-th human label (in arrival order) came from a random draw: a sample, an
+        audit, the control arm, or the warm-up before the queue was ever ranked by ambiguity (a
+        "warmup" item labeled later was re-ranked by then, so it does not count)."""
+        return reason in RANDOM_REASONS or (reason == "warmup" and row < self.config.min_human_labels)
+
+    def add_labels(self, X: np.ndarray, y: np.ndarray, item_ids: list[str], reasons: list[str]) -> None:
+        """Append human labels in arrival order; reasons are the items' routing reasons."""
         if len(y) == 0:
             return
+        if len(reasons) != len(y):
+            raise ValueError(f"{len(y)} labels but {len(reasons)} reasons")
         end = self._n + len(y)
         if end > len(self._y):
             capacity = max(end, 2 * len(self._y))
@@ -118,8 +140,10 @@ class ProjectModel:
                 [self._X[: self._n], np.zeros((capacity - self._n, self._X.shape[1]), np.float32)]
             )
             self._y = np.concatenate([self._y[: self._n], np.zeros(capacity - self._n, np.int64)])
+            self._random = np.concatenate([self._random[: self._n], np.zeros(capacity - self._n, bool)])
         self._X[self._n : end] = np.asarray(X, dtype=np.float32)
         self._y[self._n : end] = np.asarray(y, dtype=np.int64)
+        self._random[self._n : end] = [self.is_random(self._n + i, r) for i, r in enumerate(reasons)]
         self._n = end
         for item_id in item_ids:
             self._rows[item_id] = len(self.item_ids)
@@ -176,21 +200,22 @@ class ProjectModel:
         that arrive meanwhile stay pending for the next refit.
         """
         n, pending = self._n, self.pending_labels
-        X, y = self._X[:n], self._y[:n].copy()
+        X, y, rnd = self._X[:n], self._y[:n].copy(), self._random[:n]
         if n == 0:
             estimate = None
             self.classifier.fit(np.zeros((0, self.n_features)), np.zeros(0, dtype=np.int64))
         else:
-            estimate = calibrate(self.classifier, X, y, self.config)
+            estimate = calibrate(self.classifier, X, y, self.config, random=rnd)
         self._estimates.append(estimate)
         self.threshold = threshold_in_force(self._estimates, self.config.confirmations)
-        self.estimated_accuracy = self._accuracy_above_threshold(y)
+        self.estimated_accuracy = self._accuracy_above_threshold(y, rnd)
         self.audit_alarm = self._audits_miss_target()
         self.refits += 1
         self.pending_labels -= pending
 
-    def _accuracy_above_threshold(self, y: np.ndarray) -> float:
-        self.support = 0
+    def _accuracy_above_threshold(self, y: np.ndarray, random: np.ndarray) -> float:
+        self.support = self.random_support = 0
+        self.random_accuracy = 0.0
         if self.threshold is None or y.size == 0:
             return 0.0
         oof = self.classifier.oof_proba()
@@ -198,7 +223,12 @@ class ProjectModel:
         self.support = int(above.sum())
         if not above.any():
             return 0.0
-        return float((oof.argmax(axis=1)[above] == y[above]).mean())
+        agree = oof.argmax(axis=1) == y
+        above_random = above & random
+        self.random_support = int(above_random.sum())
+        if self.random_support:
+            self.random_accuracy = float(agree[above_random].mean())
+        return float(agree[above].mean())
 
     def budget_spent(self, extra_seen: int = 0) -> bool:
         """True when people have labeled as many items as the project's human budget allows."""

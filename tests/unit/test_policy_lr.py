@@ -117,6 +117,31 @@ def test_threshold_needs_the_lower_bound_not_the_point_estimate() -> None:
     assert choose_threshold_weighted(conf, correct, None, 0.95, 1.28, 500) is None
 
 
+def test_random_labels_above_the_threshold_can_veto_it() -> None:
+    conf = np.linspace(1.0, 0.5, 400)
+    correct = np.ones(400, dtype=bool)
+    correct[300:] = False
+    # Every fifth label was drawn at random; the rest were picked for their ambiguity.
+    random = np.arange(400) % 5 == 0
+    free = choose_threshold_weighted(conf, correct, None, 0.95, 1.28, 30)
+    assert free is not None
+    assert choose_threshold_weighted(conf, correct, None, 0.95, 1.28, 30, random, 10) == free
+    # Four of the 60 random labels above the errors are wrong (every label picked for ambiguity is right):
+    # the bound on all 300 passes, the random ones' 56 of 60 (93%) refute every threshold.
+    wrong_random = correct.copy()
+    wrong_random[[0, 5, 10, 15]] = False
+    t = choose_threshold_weighted(conf, wrong_random, None, 0.95, 1.28, 30)
+    assert t is not None and t <= conf[250]
+    assert choose_threshold_weighted(conf, wrong_random, None, 0.95, 1.28, 30, random, 10) is None
+    # Two wrong: 58 of 60 meets the target over the whole block, not near the top (8 of 10).
+    two_wrong = correct.copy()
+    two_wrong[[0, 5]] = False
+    t2 = choose_threshold_weighted(conf, two_wrong, None, 0.95, 1.28, 30, random, 10)
+    assert t2 is not None and t2 <= conf[250]
+    # Too few random labels above any threshold: none stands.
+    assert choose_threshold_weighted(conf, correct, None, 0.95, 1.28, 30, np.arange(400) < 5, 10) is None
+
+
 def test_unit_weights_match_the_unweighted_rule() -> None:
     rng = np.random.default_rng(3)
     conf = rng.random(300)
