@@ -19,6 +19,7 @@ class ScorerSettings(ServiceSettings):
     refit_seconds: float = Field(default=2.0, gt=0)
     min_human_labels: int = Field(default=_DEFAULTS.min_human_labels, ge=1)
     min_support: int = Field(default=_DEFAULTS.min_support, ge=1)
+    min_random_support: int = Field(default=_DEFAULTS.min_random_support, ge=0)
     z: float = Field(default=_DEFAULTS.z, ge=0)
     annotator_error: float = Field(default=_DEFAULTS.annotator_error, ge=0, lt=0.5)
     publish_batch_items: int = Field(default=64, ge=1)
@@ -36,6 +37,7 @@ class ScorerSettings(ServiceSettings):
         return LRPolicyConfig(
             min_human_labels=self.min_human_labels,
             min_support=self.min_support,
+            min_random_support=self.min_random_support,
             z=self.z,
             annotator_error=self.annotator_error,
             confirmations=self.confirmations,
