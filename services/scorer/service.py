@@ -89,7 +89,7 @@ class ProjectModel:
         self.threshold: float | None = None
         # Threshold estimates of the last refits, newest last (see refit).
         self._estimates: deque[float | None] = deque(maxlen=self.config.confirmations)
-        self.estimated_accuracy = 0.0  # leave-one-out accuracy above the threshold
+        self.estimated_accuracy = 0.0  # out-of-fold accuracy of the labeled items above the threshold
         self.support = 0  # human-labeled items the estimate above the threshold rests on
         self.random_support = 0  # of which drawn at random
         self.random_accuracy = 0.0  # their out-of-fold accuracy

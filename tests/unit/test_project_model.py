@@ -75,6 +75,12 @@ def test_only_drawn_labels_count_as_random() -> None:
     expected = [r in ("sample", "audit", "control") for r in reasons]
     expected[:n_warm] = [True] * n_warm
     assert model.random.tolist() == expected
+    # A model rebuilt from PostgreSQL gets them all at once, a live one in small batches: same flags.
+    live = ProjectModel(PROJECT, centers, CONFIG)
+    for start in range(0, len(reasons), 7):
+        stop = min(start + 7, len(reasons))
+        live.add_labels(X[start:stop], y[start:stop], _ids(start, stop), reasons[start:stop])
+    assert live.random.tolist() == expected
     model.refit()
     assert model.threshold is not None
     assert 0 < model.random_support <= model.support and 0.0 < model.random_accuracy <= 1.0
