@@ -38,8 +38,8 @@ import numpy as np
 import yaml
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-from services.scorer.policy import CentroidClassifier, PolicyConfig, calibrate, decide, label_issues
-from services.scorer.policy_lr import (
+from services.scorer.policy.centroids import CentroidClassifier, PolicyConfig, calibrate, decide, label_issues
+from services.scorer.policy.model import (
     HumanBudget,
     LRClassifier,
     LRPolicyConfig,
@@ -48,7 +48,7 @@ from services.scorer.policy_lr import (
     route,
     threshold_in_force,
 )
-from services.scorer.policy_lr import calibrate as calibrate_lr
+from services.scorer.policy.model import calibrate as calibrate_lr
 from services.scorer.service import LABEL_AUDIT_MIN_CONFIDENCE, LABEL_AUDIT_MIN_LABELS
 
 # The shared datasets sit beside the repository (../shared/datasets); TANDEM_DATASETS overrides.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scorer.policy import (
+from services.scorer.policy.centroids import (
     CentroidClassifier,
     DecisionKind,
     PolicyConfig,

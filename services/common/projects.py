@@ -7,7 +7,6 @@ their hot path, nothing to import from its package) through a small time-bounded
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -37,19 +36,13 @@ class ProjectSpec:
     human_budget_items: int = 0
     human_budget_share: float = 0.0
     control_rate: float = 0.0
+    guarantee: str = "dataset"
+    delta: float = 0.05
+    human_error: float = 0.0
 
     @property
     def label_names(self) -> list[str]:
         return [label.name for label in self.labels]
-
-    def human_budget(self, seen: int) -> int | None:
-        """Items people may label once `seen` items arrived; None when there is no budget."""
-        limits = []
-        if self.human_budget_items > 0:
-            limits.append(self.human_budget_items)
-        if self.human_budget_share > 0:
-            limits.append(math.ceil(self.human_budget_share * seen))
-        return min(limits) if limits else None
 
     def label_index(self, name: str) -> int:
         return self.label_names.index(name)
@@ -66,6 +59,9 @@ class ProjectSpec:
             human_budget_items=p.human_budget_items,
             human_budget_share=p.human_budget_share,
             control_rate=p.control_rate,
+            guarantee=p.guarantee or "dataset",
+            delta=p.delta or 0.05,
+            human_error=p.human_error,
         )
 
     def to_proto(self) -> projects_pb2.Project:
@@ -79,6 +75,9 @@ class ProjectSpec:
             human_budget_items=self.human_budget_items,
             human_budget_share=self.human_budget_share,
             control_rate=self.control_rate,
+            guarantee=self.guarantee,
+            delta=self.delta,
+            human_error=self.human_error,
         )
 
 

@@ -14,7 +14,8 @@ from services.common.projects import LabelSpec, ProjectSpec
 PROJECT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_EXTERNAL_ID_CHARS = 256
 DEFAULT_TARGET_ACCURACY = 0.95
-DEFAULT_AUDIT_RATE = 0.03
+DEFAULT_AUDIT_RATE = 0.0  # sized to the pool by the scorer
+GUARANTEES = ("dataset", "automatic")
 
 
 class InvalidProject(ValueError):
@@ -180,6 +181,19 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
     if not 0.0 <= spec.control_rate <= 1.0:
         # 1.0 is the random-review baseline of `tandem bench labeling`.
         raise InvalidProject("control_rate must be in [0, 1]")
+    guarantee = spec.guarantee or "dataset"
+    if guarantee not in GUARANTEES:
+        raise InvalidProject(f"guarantee must be one of {', '.join(GUARANTEES)}")
+    delta = spec.delta or 0.05
+    if not 0.0 < delta <= 0.5:
+        raise InvalidProject("delta must be in (0, 0.5]")
+    if not 0.0 <= spec.human_error < 0.5:
+        raise InvalidProject("human_error must be in [0, 0.5)")
+    if guarantee == "dataset" and spec.human_error > 1.0 - target:
+        # Even a dataset labeled entirely by people would miss the target.
+        raise InvalidProject(
+            f"a dataset target of {target} cannot be met by people who err at {spec.human_error}"
+        )
     return ProjectSpec(
         project_id=spec.project_id,
         name=spec.name or spec.project_id,
@@ -192,4 +206,7 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
         human_budget_items=spec.human_budget_items,
         human_budget_share=spec.human_budget_share,
         control_rate=spec.control_rate,
+        guarantee=guarantee,
+        delta=delta,
+        human_error=spec.human_error,
     )

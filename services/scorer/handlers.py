@@ -26,8 +26,8 @@ from services.gen.tandem.predictions.v1 import predictions_pb2
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.gen.tandem.tasks.v1 import tasks_pb2
 from services.scorer import repo
-from services.scorer.policy import DecisionKind, wilson_lower_bound
-from services.scorer.policy_lr import LRPolicyConfig, features
+from services.scorer.policy.centroids import DecisionKind, wilson_lower_bound
+from services.scorer.policy.model import LRPolicyConfig, features
 from services.scorer.service import AUDIT_WINDOW, ProjectModel, held_reason
 from services.scorer.settings import ScorerSettings
 

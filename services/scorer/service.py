@@ -1,103 +1,93 @@
-"""The scorer's per-project model: pure domain code over the policy, no I/O."""
+"""The scorer's per-project model: pure domain code over the policy package, no I/O.
+
+The scorer service (handlers.py) and the offline harness (loadtests/al_offline.py) drive this class
+the same way: labels in, refit, rescore the waiting items (people's order, proposals, acceptances),
+certificate out.
+"""
 
 from __future__ import annotations
 
-import hashlib
-from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from services.common.projects import ProjectSpec
-from services.scorer.policy import (
-    Decision,
-    agreement_target,
-    confidence_of,
-    label_issues,
-    wilson_lower_bound,
+from services.scorer.policy.budget import HumanBudget
+from services.scorer.policy.certification import Assumptions, Certificate, Guarantee, Tally
+from services.scorer.policy.labels_audit import label_issues
+from services.scorer.policy.model import LRClassifier, LRPolicyConfig
+from services.scorer.policy.proposals import (
+    ACCEPTED,
+    REJECTED,
+    Entry,
+    ProposalBook,
+    audit_floor,
+    unit_draw,
 )
-from services.scorer.policy_lr import LRClassifier, LRPolicyConfig, calibrate, route, threshold_in_force
+from services.scorer.policy.routing import AUDIT_PRIORITY, confidence_of, route
 
-# Audits of auto-accepted labels are the one unbiased check of the threshold. When the recent
-# ones show the target is missed (upper bound below it), every auto-acceptable item is audited
-# until fresh audits under refit models show the target is met again.
-AUDIT_WINDOW = 50
-AUDIT_MIN = 20
 # Confident learning needs a model worth trusting: enough labels, and a clear contradiction.
 LABEL_AUDIT_MIN_LABELS = 30
 LABEL_AUDIT_MIN_CONFIDENCE = 0.9
+# A proposal is at most this many times the items accepted or proposed so far (and at least
+# MIN_PROPOSAL): one the audits refute goes back to people, so early ones stay small.
+PROPOSAL_GROWTH = 1.0
+MIN_PROPOSAL = 50
 
-
-# Reasons an item goes to people by a random draw rather than for its ambiguity (plus "warmup" for
-# the first min_human_labels labels, drawn at random before any model ranks the queue).
-RANDOM_REASONS = frozenset({"sample", "audit", "control"})
-
-
-def held_reason(threshold: float | None) -> str:
-    """Why the draw sends an item to people: a random "sample" of every item while no threshold
-    exists, an "audit" of an auto-acceptable one after. Also the salt of that draw (see _draws)."""
-    return "audit" if threshold is not None else "sample"
-
-
-def unit_draw(item_id: str, salt: str = "audit") -> float:
-    """A uniform draw in [0, 1) fixed by the item id, so a redelivered item gets the same decision."""
-    digest = hashlib.sha256(f"{salt}:{item_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+__all__ = ["ProjectModel", "Rescored", "unit_draw"]
 
 
 @dataclass
 class Rescored:
-    """What a refit changes for items still waiting for people."""
+    """What a refit changes for items still waiting for people. Rows index the waiting items."""
 
-    accept: list[tuple[int, int, float]] = field(default_factory=list)  # (row, label, confidence)
     reprioritize: list[tuple[int, float]] = field(default_factory=list)  # (row, new priority)
-    # Items drawn for people whatever the model thinks: (row, label, confidence, priority, reason),
-    # reason "audit" (an auto-acceptable item) or "sample" (drawn before any threshold exists).
-    audit: list[tuple[int, int, float, float, str]] = field(default_factory=list)
+    # Newly proposed items: the audited ones go to people now, the others wait for the certificate.
+    batch: int = 0
+    proposed: list[Entry] = field(default_factory=list)
+    # Items to accept now (from this or earlier proposals): (item id, label).
+    accept: list[tuple[str, int]] = field(default_factory=list)
+    rejected_batches: list[int] = field(default_factory=list)
 
 
 class ProjectModel:
     """The project's classifier (class centroids for the first labels, then a logistic regression on
-    [embedding, log zero-shot]), refit on the human labels, with an auto-accept threshold calibrated on
-    its out-of-fold predictions.
+    [embedding, log zero-shot]), refit on the human labels, and the book of proposals whose
+    certificate decides what is accepted automatically.
 
-    Rows are feature rows (policy_lr.features): the item embedding followed by the labeler's log
+    Rows are feature rows (policy.model.features): the item embedding followed by the labeler's log
     zero-shot probabilities.
     """
 
     def __init__(self, project: ProjectSpec, label_embeddings: np.ndarray, base: LRPolicyConfig) -> None:
         self.project = project
-        self.config = replace(
-            base,
-            target_accuracy=project.target_accuracy or base.target_accuracy,
-            audit_rate=project.audit_rate if project.audit_rate > 0 else base.audit_rate,
-        )
+        self.config = replace(base, target_accuracy=project.target_accuracy or base.target_accuracy)
         self.label_embeddings = np.asarray(label_embeddings, dtype=np.float32)
         self.classifier = LRClassifier(self.label_embeddings, self.config)
         k, d = self.label_embeddings.shape
         self.n_features = d + k
+        self.assumptions = Assumptions(
+            guarantee=Guarantee(project.guarantee or "dataset"),
+            target=self.config.target_accuracy,
+            delta=project.delta or 0.05,
+            human_error=project.human_error,
+            n_classes=k,
+        )
+        self.book = ProposalBook(self.assumptions)
+        self.budget = HumanBudget(project.human_budget_items, project.human_budget_share)
         # Grown by doubling: labels arrive one by one, and copying the whole matrix per label
         # would make a long project quadratic.
         self._X = np.zeros((64, self.n_features), dtype=np.float32)
         self._y = np.zeros(64, dtype=np.int64)
-        self._random = np.zeros(64, dtype=bool)
         self._n = 0
         self.item_ids: list[str] = []
         self._rows: dict[str, int] = {}
         self.second_opinion_asked: set[str] = set()
-        self.threshold: float | None = None
-        # Threshold estimates of the last refits, newest last (see refit).
-        self._estimates: deque[float | None] = deque(maxlen=self.config.confirmations)
-        self.estimated_accuracy = 0.0  # out-of-fold accuracy of the labeled items above the threshold
-        self.support = 0  # human-labeled items the estimate above the threshold rests on
-        self.random_support = 0  # of which drawn at random
-        self.random_accuracy = 0.0  # their out-of-fold accuracy
         self.refits = 0
         self.pending_labels = 0
-        self.recent_audits: deque[bool] = deque(maxlen=AUDIT_WINDOW)
-        self.audit_alarm = False
         self.seen = 0  # items of the project the scorer has decided
+        self.auto = 0  # accepted automatically
+        self.model_labeled = 0  # finalized with the model's label when the budget ran out
 
     @property
     def version(self) -> str:
@@ -116,23 +106,14 @@ class ProjectModel:
     def n_labels(self) -> int:
         return self._n
 
-    @property
-    def random(self) -> np.ndarray:
-        """Per labeled row: whether people got it by a random draw (see is_random)."""
-        return self._random[: self._n]
+    def add_labels(self, X: np.ndarray, y: np.ndarray, item_ids: list[str]) -> list[tuple[str, int]]:
+        """Append human labels in arrival order. A label on a proposed item is also its audit
+        outcome (or, for an item handed back to people, its disagreement become known).
 
-    def is_random(self, row: int, reason: str) -> bool:
-        """Whether the row-th human label (in arrival order) came from a random draw: a sample, an
-        audit, the control arm, or the warm-up before the queue was ever ranked by ambiguity (a
-        "warmup" item labeled later was re-ranked by then, so it does not count)."""
-        return reason in RANDOM_REASONS or (reason == "warmup" and row < self.config.min_human_labels)
-
-    def add_labels(self, X: np.ndarray, y: np.ndarray, item_ids: list[str], reasons: list[str]) -> None:
-        """Append human labels in arrival order; reasons are the items' routing reasons."""
+        Returns the audits that disagree with the model: (item id, the model's label), to go to a
+        second person (see record_second_opinion)."""
         if len(y) == 0:
-            return
-        if len(reasons) != len(y):
-            raise ValueError(f"{len(y)} labels but {len(reasons)} reasons")
+            return []
         end = self._n + len(y)
         if end > len(self._y):
             capacity = max(end, 2 * len(self._y))
@@ -140,15 +121,22 @@ class ProjectModel:
                 [self._X[: self._n], np.zeros((capacity - self._n, self._X.shape[1]), np.float32)]
             )
             self._y = np.concatenate([self._y[: self._n], np.zeros(capacity - self._n, np.int64)])
-            self._random = np.concatenate([self._random[: self._n], np.zeros(capacity - self._n, bool)])
         self._X[self._n : end] = np.asarray(X, dtype=np.float32)
         self._y[self._n : end] = np.asarray(y, dtype=np.int64)
-        self._random[self._n : end] = [self.is_random(self._n + i, r) for i, r in enumerate(reasons)]
         self._n = end
-        for item_id in item_ids:
+        adjudicate = []
+        for item_id, label in zip(item_ids, np.asarray(y).tolist(), strict=True):
             self._rows[item_id] = len(self.item_ids)
             self.item_ids.append(item_id)
+            if self.book.record_label(item_id, int(label)):
+                adjudicate.append((item_id, self.book.entries[self.book.index[item_id]].label))
         self.pending_labels += len(y)
+        return adjudicate
+
+    def record_second_opinion(self, item_id: str, label: int) -> None:
+        """A second person's label: settles a disagreeing audit; when it sides with the model the
+        first label is corrected (two of three votes)."""
+        self.book.record_second_opinion(item_id, label)
 
     def relabel(self, item_id: str, label: int) -> None:
         """A second opinion corrected a human label: train on the corrected one."""
@@ -161,7 +149,7 @@ class ProjectModel:
         """Human labels the out-of-fold model contradicts with confidence and nobody re-checked yet:
         (item id, the model's label), at most `limit`."""
         n = self.classifier.n_fitted
-        if n < LABEL_AUDIT_MIN_LABELS:
+        if n < LABEL_AUDIT_MIN_LABELS or limit <= 0:
             return []
         oof = self.classifier.oof_proba()
         out = []
@@ -174,72 +162,56 @@ class ProjectModel:
                 break
         return out
 
-    def add_audit_results(self, agreed: Iterable[bool]) -> None:
-        """Whether people agreed with audited auto-acceptable labels, oldest first."""
-        self.recent_audits.extend(agreed)
-
-    def _audits_miss_target(self) -> bool:
-        # A copy: the event loop may append audit results while a refit runs in a worker thread.
-        recent = tuple(self.recent_audits)
-        n = len(recent)
-        if n < AUDIT_MIN:
-            return False
-        agreed = sum(recent)
-        upper = 1.0 - wilson_lower_bound(n - agreed, n, self.config.z)
-        k = self.label_embeddings.shape[0]
-        return upper < agreement_target(self.config.target_accuracy, self.config.annotator_error, k)
-
     def refit(self) -> None:
-        """Refit on every human label and choose the threshold from out-of-fold predictions.
-
-        The threshold in force is the strictest of the last `confirmations` estimates (see
-        policy_lr.threshold_in_force).
+        """Refit on every human label.
 
         Safe to run in a worker thread while the event loop adds labels: it fits on the rows
         present when it starts (appends never touch them; a relabel is copied out), and labels
         that arrive meanwhile stay pending for the next refit.
         """
         n, pending = self._n, self.pending_labels
-        X, y, rnd = self._X[:n], self._y[:n].copy(), self._random[:n]
-        if n == 0:
-            estimate = None
-            self.classifier.fit(np.zeros((0, self.n_features)), np.zeros(0, dtype=np.int64))
-        else:
-            estimate = calibrate(self.classifier, X, y, self.config, random=rnd)
-        self._estimates.append(estimate)
-        self.threshold = threshold_in_force(self._estimates, self.config.confirmations)
-        self.estimated_accuracy = self._accuracy_above_threshold(y, rnd)
-        self.audit_alarm = self._audits_miss_target()
+        if pending == 0 and self.refits > 0:
+            return
+        self.classifier.fit(self._X[:n], self._y[:n].copy())
         self.refits += 1
         self.pending_labels -= pending
 
-    def _accuracy_above_threshold(self, y: np.ndarray, random: np.ndarray) -> float:
-        self.support = self.random_support = 0
-        self.random_accuracy = 0.0
-        if self.threshold is None or y.size == 0:
-            return 0.0
-        oof = self.classifier.oof_proba()
-        above = confidence_of(oof) >= self.threshold
-        self.support = int(above.sum())
-        if not above.any():
-            return 0.0
-        agree = oof.argmax(axis=1) == y
-        above_random = above & random
-        self.random_support = int(above_random.sum())
-        if self.random_support:
-            self.random_accuracy = float(agree[above_random].mean())
-        return float(agree[above].mean())
+    # -- where the project stands ---------------------------------------------------------------
+
+    def tally(self, *, undecided_as_human: bool = True) -> Tally:
+        """Counts the certificate rests on. Items nobody decided yet count as future human labels
+        (they are, unless the budget runs out: then they count as unchecked model labels)."""
+        undecided = max(self.seen - self.auto - self.n_labels - self.model_labeled, 0)
+        human = self.n_labels + (undecided if undecided_as_human else 0)
+        return Tally(self.seen, self.auto, human, self.model_labeled)
+
+    def certificate(self) -> Certificate:
+        return self.book.certificate(self.tally())
+
+    def estimated_accuracy(self) -> float:
+        """Point estimate of what the certificate bounds: disagreements seen by audits, weighted by
+        the inverse of their audit probability, over the automatic labels (dataset: plus people's
+        assumed errors and the unchecked model labels)."""
+        t = self.tally()
+        ledger = self.book.ledger()
+        done = ledger.audited & np.array([e.disagreed is not None for e in self.book.entries], dtype=bool)
+        pi = ledger.audit_prob[done]
+        weighted = float((ledger.disagreed[done] * (1.0 - pi) / pi).sum()) if done.any() else 0.0
+        auto_rate = min(weighted / max(len(ledger.audit_prob) - int(ledger.audited.sum()), 1), 1.0)
+        if self.assumptions.guarantee is Guarantee.AUTOMATIC:
+            return 1.0 - auto_rate
+        wrong = auto_rate * t.auto + self.assumptions.human_error * t.human + t.model
+        return 1.0 - wrong / t.items if t.items else 1.0
 
     def budget_spent(self, extra_seen: int = 0) -> bool:
         """True when people have labeled as many items as the project's human budget allows."""
-        budget = self.project.human_budget(self.seen + extra_seen)
-        return budget is not None and self.n_labels >= budget
+        return self.budget.spent(self.n_labels, self.seen + extra_seen)
 
     def is_control(self, item_id: str) -> bool:
         return self.project.control_rate > 0 and unit_draw(item_id, "control") < self.project.control_rate
 
     def finalize(self, X: np.ndarray) -> list[tuple[int, float]]:
-        """The model's label and confidence for each row, whatever the threshold."""
+        """The model's label and confidence for each row, whatever the certificate."""
         if len(X) == 0:
             return []
         probs = self.predict_proba(X)
@@ -253,48 +225,82 @@ class ProjectModel:
         """After the random warm-up, people get the items the model is least sure about first."""
         return self.n_labels >= self.config.min_human_labels
 
-    def _draws(self, item_ids: list[str], threshold: float | None) -> np.ndarray:
-        """Per item: the draw that picks the random sample before a threshold exists, and an
-        independent one for audits after. A pool is decided before any threshold, so with one
-        draw for both every item it would audit would have been sampled already."""
-        salt = held_reason(threshold)
-        return np.array([unit_draw(i, salt) for i in item_ids], dtype=np.float64)
+    # -- decisions ------------------------------------------------------------------------------
 
-    def decide(self, X: np.ndarray, item_ids: list[str]) -> list[Decision]:
-        alarm = self.audit_alarm and self.threshold is not None
-        config = replace(self.config, audit_rate=1.0) if alarm else self.config
-        draws = self._draws(item_ids, self.threshold)
-        return route(self.predict_proba(X), self.threshold, draws, self.n_labels, config).decisions()
+    def decide(self, X: np.ndarray, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """New items all wait for people (acceptance goes through proposals at the next refit):
+        (label, confidence, priority) per row."""
+        draws = np.array([unit_draw(i, "order") for i in item_ids], dtype=np.float64)
+        r = route(self.predict_proba(X), draws, self.n_labels, self.config.min_human_labels)
+        return r.label, r.confidence, r.priority
 
-    def rescore(self, X: np.ndarray, item_ids: list[str]) -> Rescored:
-        """Items waiting for people: accept those that now clear the threshold, re-rank the rest, and
-        hold back the random audit share exactly as `decide` does for new items.
+    def rescore(self, X: np.ndarray, item_ids: list[str], priorities: np.ndarray | None = None) -> Rescored:
+        """Items waiting for people after a refit: re-rank them, settle the pending proposals and
+        propose the next batch among the items never proposed.
 
-        In a pool every item is decided before the first human label, so without the draw here
-        nothing auto-accepted would ever be audited and the threshold would rest on labels picked
-        for their ambiguity alone (AG News, 18% budget: 74.4% auto-accepted at 0.9287 for 0.95).
-        """
+        `priorities` are the waiting items' current priorities (unchanged ones are not re-sent)."""
         out = Rescored()
-        if len(X) == 0 or not self.ranks_by_ambiguity:
+        if not self.ranks_by_ambiguity:
             return out
-        # Under an audit alarm nothing is accepted; the random sample keeps being drawn.
-        threshold = None if self.audit_alarm else self.threshold
-        draws = self._draws(item_ids, threshold)
-        routing = route(self.predict_proba(X), threshold, draws, self.n_labels, self.config)
-        reason = held_reason(threshold)
-        for row, (kind, label, conf, priority) in enumerate(
-            zip(
-                routing.kind.tolist(),
-                routing.label.tolist(),
-                routing.confidence.tolist(),
-                routing.priority.tolist(),
-                strict=True,
-            )
-        ):
-            if kind == 0:
-                out.accept.append((row, label, conf))
-            elif kind == 2:
-                out.audit.append((row, label, conf, priority, reason))
-            else:
-                out.reprioritize.append((row, priority))
+        probs = self.predict_proba(X) if len(X) else np.zeros((0, len(self.label_embeddings)))
+        routing = route(
+            probs,
+            np.array([unit_draw(i, "order") for i in item_ids], dtype=np.float64),
+            self.n_labels,
+            self.config.min_human_labels,
+        )
+        fresh = np.array([not self.book.proposed(i) for i in item_ids], dtype=bool)
+        for row in np.flatnonzero(fresh).tolist():
+            prio = float(routing.priority[row])
+            if priorities is None or abs(prio - float(priorities[row])) > 0.01:
+                out.reprioritize.append((row, prio))
+        self._propose(out, item_ids, routing.label, routing.confidence, fresh)
+        self._settle(out)
         return out
+
+    def settle(self) -> Rescored:
+        """Accept what the certificate allows without proposing more (the budget is spent)."""
+        out = Rescored()
+        self._settle(out)
+        return out
+
+    def _propose(
+        self, out: Rescored, item_ids: list[str], labels: np.ndarray, conf: np.ndarray, fresh: np.ndarray
+    ) -> None:
+        candidates = np.flatnonzero(fresh)
+        if candidates.size == 0:
+            return
+        pending = self.book.pending_items()
+        room = max(MIN_PROPOSAL, int(PROPOSAL_GROWTH * (self.auto + pending)))
+        floor = audit_floor(self.project.audit_rate, self.assumptions.target, self.seen)
+        plan = self.book.plan(conf[candidates], self.tally(), floor, room)
+        if plan is None:
+            return
+        out.batch = self.book.next_batch
+        for rank, pi in zip(plan.rows.tolist(), plan.audit_prob.tolist(), strict=True):
+            row = int(candidates[rank])
+            item_id = item_ids[row]
+            # The draw is fixed by the item id and only now compared with pi, which was set first.
+            audited = unit_draw(item_id, "audit") < pi
+            entry = Entry(item_id, out.batch, int(labels[row]), float(pi), audited)
+            self.book.add(entry)
+            out.proposed.append(entry)
+
+    def _settle(self, out: Rescored) -> None:
+        accepted, rejected = self.book.settle(self.tally())
+        for batch in accepted:
+            for e in self.book.batch(batch):
+                if not e.audited and e.disagreed is None:
+                    out.accept.append((e.item_id, e.label))
+        # Final from here on: an item labeled by people in the meantime stays theirs (the scorer's
+        # acceptance of it finds no waiting item), a rare race counted here as automatic.
+        self.auto += len(out.accept)
+        out.rejected_batches.extend(rejected)
+
+    def restore_proposal(self, entry: Entry, state: str) -> None:
+        """Rebuild the book from PostgreSQL after a restart (human labels are added after it)."""
+        self.book.add(entry, state if state in (ACCEPTED, REJECTED) else "pending")
+
+    @staticmethod
+    def audit_priority() -> float:
+        return AUDIT_PRIORITY

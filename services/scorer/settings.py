@@ -4,7 +4,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
-from services.scorer.policy_lr import LRPolicyConfig
+from services.scorer.policy.model import LRPolicyConfig
 
 _DEFAULTS = LRPolicyConfig()
 
@@ -18,10 +18,6 @@ class ScorerSettings(ServiceSettings):
     refit_every: int = Field(default=10, ge=1)
     refit_seconds: float = Field(default=2.0, gt=0)
     min_human_labels: int = Field(default=_DEFAULTS.min_human_labels, ge=1)
-    min_support: int = Field(default=_DEFAULTS.min_support, ge=1)
-    min_random_support: int = Field(default=_DEFAULTS.min_random_support, ge=0)
-    z: float = Field(default=_DEFAULTS.z, ge=0)
-    annotator_error: float = Field(default=_DEFAULTS.annotator_error, ge=0, lt=0.5)
     publish_batch_items: int = Field(default=64, ge=1)
     # Confident-learning audit of human labels: at most this many second opinions per refit.
     second_opinions_per_refit: int = Field(default=5, ge=0)
@@ -30,15 +26,5 @@ class ScorerSettings(ServiceSettings):
     fewshot_max_chars: int = Field(default=4000, ge=0)
     fewshot_pool: int = Field(default=2000, ge=1)
 
-    # Consecutive refits whose threshold estimates must agree before one is acted on.
-    confirmations: int = Field(default=_DEFAULTS.confirmations, ge=1)
-
     def policy(self) -> LRPolicyConfig:
-        return LRPolicyConfig(
-            min_human_labels=self.min_human_labels,
-            min_support=self.min_support,
-            min_random_support=self.min_random_support,
-            z=self.z,
-            annotator_error=self.annotator_error,
-            confirmations=self.confirmations,
-        )
+        return LRPolicyConfig(min_human_labels=self.min_human_labels)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from services.scorer.policy import (
+from services.scorer.policy.centroids import (
     CentroidClassifier,
     DecisionKind,
     PolicyConfig,

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.scorer.policy import choose_threshold, label_issues
-from services.scorer.policy_lr import (
+from services.scorer.policy.centroids import choose_threshold, label_issues
+from services.scorer.policy.model import (
     HumanBudget,
     LRClassifier,
     LRPolicyConfig,

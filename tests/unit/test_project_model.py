@@ -5,8 +5,8 @@ from dataclasses import replace
 import numpy as np
 
 from services.common.projects import LabelSpec, ProjectSpec
-from services.scorer.policy import DecisionKind, softmax
-from services.scorer.policy_lr import LRPolicyConfig, features
+from services.scorer.policy.centroids import DecisionKind, softmax
+from services.scorer.policy.model import LRPolicyConfig, features
 from services.scorer.service import ProjectModel, unit_draw
 
 

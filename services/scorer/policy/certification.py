@@ -1,0 +1,281 @@
+"""Certification: an anytime-valid bound on the wrong labels among what the model labeled alone.
+
+Pure numpy, no I/O. The policy proposes items for automatic acceptance in batches. Each proposed
+item i is sent to people as an *audit* with a probability pi_i fixed before its draw (higher where an
+error is likelier, never zero); the others are accepted once the certificate allows it. d_i = 1 when
+the model's proposed label disagrees with the (actual or would-be) human label. The quantity to bound
+is S = sum of d_i over proposed items that were not audited: the disagreements that would slip into
+the dataset unseen.
+
+The bound is a confidence sequence (valid at every moment of the run at once, Ville's inequality),
+built from one test martingale per bet size gamma_j and mixed with equal weights:
+
+    per item:  E[exp(lambda d (1 - A/pi))] = exp(d phi(lambda)),   A ~ Bernoulli(pi)
+
+so with g(lambda) = lambda - phi(lambda) = -log(1 - pi (1 - exp(-lambda/pi))) > 0 the factor
+exp(d (1-A) g - d A (lambda/pi - g)) has mean one whatever d is. lambda is chosen per item so that
+g = gamma_j exactly (an unaudited disagreement always earns gamma_j); an audited disagreement then
+costs c_ij = -log(1 - (1 - exp(-gamma_j))/pi_i) - gamma_j, about (1 - pi)/pi times gamma_j: the
+inverse-probability weight (Zrnic & Candès 2024, active statistical inference). Products over items
+are test martingales for any predictable choice of pi (Waudby-Smith & Ramdas, estimating means of
+bounded random variables by betting), so acceptances can be made in batches as evidence arrives,
+stay final, and the bound holds over the whole run. With probability at least 1 - delta, at every
+moment:
+
+    sum_j w_j exp(S Gamma_j - B_j) < 1/delta,   B_j = sum over audited disagreements of c_ij
+
+and the upper bound on S is the largest S meeting it. Pending audits count as disagreements until
+their label arrives (B only grows with them, so this only makes the bound larger).
+
+People err too, at an assumed rate h (wrong labels spread over the other k-1 classes). An audit
+label that disagrees with the model goes to a second person; the disagreement stands unless the
+second person sides with the model, so d_i is a model error but for people erring twice. Errors
+hidden by a first person who picks the same wrong label (rate h/(k-1)) are added back as an upper
+binomial bound, and human labels in the dataset count as wrong at rate h (an upper Chernoff bound).
+h = 0 takes every human label as right; the certificate states the assumption it rests on.
+
+The dataset guarantee (Candès, Ilyas & Zrnic 2025, probably approximately correct labels) is on
+the whole dataset: (automatic errors + human errors + unchecked model labels) / items. The
+automatic one is on the automatic labels alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+# Bet sizes of the mixture, log-spaced: small bets win when many audits disagree, large ones when
+# none do. Fixed in advance (a data-chosen grid would not be a valid mixture).
+GAMMAS = np.geomspace(1e-4, 2.0, 48)
+# A bet may take at most this share of an item's largest possible gain -log(1 - pi): at the cap the
+# cost of an audited disagreement grows without bound.
+_CAP_SHARE = 0.9
+
+
+class Guarantee(StrEnum):
+    # The final dataset (human and automatic labels together) is at least the target.
+    DATASET = "dataset"
+    # The automatic labels alone are at least the target.
+    AUTOMATIC = "automatic"
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Every item proposed for automatic acceptance so far (arrays of one row per item)."""
+
+    audit_prob: np.ndarray  # pi_i, fixed before the draw
+    audited: np.ndarray  # bool: the draw sent it to people
+    # Weight of a disagreement seen on an audited row, in [0, 1]: 1 or 0 once the audit label
+    # is in, 1 while it is pending (a planning caller may pass an expected value instead).
+    disagreed: np.ndarray
+
+    @staticmethod
+    def empty() -> Ledger:
+        return Ledger(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0))
+
+    def extended(self, audit_prob: np.ndarray, audited: np.ndarray, disagreed: np.ndarray) -> Ledger:
+        return Ledger(
+            np.concatenate([self.audit_prob, np.asarray(audit_prob, dtype=np.float64)]),
+            np.concatenate([self.audited, np.asarray(audited, dtype=bool)]),
+            np.concatenate([self.disagreed, np.asarray(disagreed, dtype=np.float64)]),
+        )
+
+
+def _bets(audit_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per item and bet size: the bet gamma_ij = min(gamma_j, share of the item's cap), fixed by the
+    item's own pi before its draw, and the cost c_ij of an audited disagreement under it. Returns
+    (Gamma_j, c): Gamma_j = min_i gamma_ij is what every unaudited disagreement is at least credited."""
+    pi = np.clip(np.asarray(audit_prob, dtype=np.float64), 1e-9, 1.0)
+    # Items audited with certainty can never slip through: they take no part in the bet.
+    uncertain = pi < 1.0
+    cap = np.where(uncertain, -np.log1p(-np.minimum(pi, 1.0 - 1e-12)), np.inf)
+    gamma_ij = np.minimum(GAMMAS[None, :], _CAP_SHARE * cap[:, None])  # (n, J)
+    # c = -log(1 - (1 - e^-gamma) / pi) - gamma, computed stably; below the cap ratio < 1.
+    ratio = -np.expm1(-gamma_ij) / pi[:, None]
+    cost = -np.log1p(-np.minimum(ratio, 1.0 - 1e-12)) - gamma_ij
+    cost[~uncertain] = 0.0
+    gamma = gamma_ij[uncertain].min(axis=0) if uncertain.any() else GAMMAS.copy()
+    return gamma, cost
+
+
+def disagreement_upper(ledger: Ledger, delta: float) -> float:
+    """Upper confidence bound on the disagreements among proposed items that were not audited
+    (valid at every moment of the run, with probability at least 1 - delta)."""
+    gamma, cost = _bets(ledger.audit_prob)
+    b = (np.asarray(ledger.disagreed)[ledger.audited, None] * cost[ledger.audited]).sum(axis=0)
+    return mixture_upper(gamma, b, float((~ledger.audited).sum()), delta)
+
+
+def planned_upper(ledger: Ledger, audit_prob: np.ndarray, disagree_prob: np.ndarray, delta: float) -> float:
+    """The bound expected once items with these audit and disagreement probabilities join the ledger
+    and their audits are in (for sizing a proposal only: the certificate itself always comes from
+    the draws and labels that happened)."""
+    pi = np.asarray(audit_prob, dtype=np.float64)
+    q = np.asarray(disagree_prob, dtype=np.float64)
+    gamma, cost = _bets(np.concatenate([ledger.audit_prob, pi]))
+    old = len(ledger.audit_prob)
+    b = (np.asarray(ledger.disagreed)[ledger.audited, None] * cost[:old][ledger.audited]).sum(axis=0)
+    b = b + ((pi * q)[:, None] * cost[old:]).sum(axis=0)
+    unaudited = float((~ledger.audited).sum() + (1.0 - pi).sum())
+    return mixture_upper(gamma, b, unaudited, delta)
+
+
+def mixture_upper(gamma: np.ndarray, b: np.ndarray, unaudited: float, delta: float) -> float:
+    """Largest S with sum_j w_j exp(S gamma_j - b_j) < 1/delta (equal weights), at most `unaudited`."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if unaudited <= 0:
+        return 0.0
+    log_w = -math.log(len(gamma))
+    limit = math.log(1.0 / delta)
+
+    def log_mixture(s: float) -> float:
+        z = log_w + s * gamma - b
+        top = float(z.max())
+        return top + math.log(float(np.exp(z - top).sum()))
+
+    if log_mixture(unaudited) < limit:
+        return float(unaudited)
+    lo, hi = 0.0, float(unaudited)
+    if log_mixture(lo) >= limit:
+        return 0.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if log_mixture(mid) < limit:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def binomial_upper(n: float, rate: float, delta: float) -> float:
+    """Upper bound on Binomial(n, rate) with probability 1 - delta (Bernstein's form of Chernoff)."""
+    if n <= 0 or rate <= 0:
+        return 0.0
+    mu = n * rate
+    log_inv = math.log(1.0 / delta)
+    t = log_inv / 3.0 + math.sqrt(log_inv * log_inv / 9.0 + 2.0 * mu * log_inv)
+    return min(float(n), mu + t)
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    guarantee: Guarantee
+    target: float
+    delta: float = 0.05
+    # Assumed rate at which people pick a wrong label (spread over the other classes).
+    human_error: float = 0.0
+    n_classes: int = 2
+
+    def deltas(self) -> tuple[float, float, float, float]:
+        """delta split between the confidence sequence, the errors people's agreement hides, the
+        human labels' own errors and the disagreements of handed-back items (all of it to the
+        sequence when people are taken as right)."""
+        if self.human_error <= 0:
+            return self.delta, 0.0, 0.0, 0.0
+        return self.delta * 0.5, self.delta * 0.2, self.delta * 0.2, self.delta * 0.1
+
+    @property
+    def agree_when_wrong(self) -> float:
+        """Chance that a person picks the model's wrong label too (errors spread over k-1 classes)."""
+        return self.human_error / max(self.n_classes - 1, 1)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Where the project's items stand."""
+
+    items: int  # every item of the project the scorer has decided
+    auto: int  # accepted automatically (never audited)
+    human: int  # labeled by people (audits included)
+    model: int  # finalized with an unchecked model label (budget spent)
+    # Proposed, not audited, not accepted, and labeled by people since: a lower bound on their
+    # disagreements (known up to people's own errors), taken off the bound.
+    rejected_disagreements: float = 0.0
+
+
+@dataclass(frozen=True)
+class Certificate:
+    guarantee: Guarantee
+    target: float
+    delta: float
+    human_error: float
+    tally: Tally
+    auto_errors_upper: float  # wrong automatic labels, upper bound
+    human_errors_upper: float  # wrong human labels, upper bound (0 when people are taken as right)
+
+    @property
+    def lower_bound(self) -> float:
+        """Certified accuracy (dataset, or automatic labels alone), valid with probability 1 - delta."""
+        t = self.tally
+        return lower_bound(
+            self.guarantee, self.auto_errors_upper, self.human_errors_upper, t.items, t.auto, t.model
+        )
+
+    @property
+    def met(self) -> bool:
+        return self.lower_bound >= self.target
+
+
+def error_bounds(
+    disagreements: float, auto: float, human: float, assumptions: Assumptions
+) -> tuple[float, float]:
+    """(wrong automatic labels, wrong human labels), upper bounds, from an upper bound on the
+    adjudicated disagreements among the automatic labels.
+
+    An audit that disagrees with the model goes to a second person, so a disagreement that stands
+    is a model error but for people erring twice (which only adds to the bound). A model error
+    stays hidden when the first person picks the same wrong label, at rate h/(k-1) per error: the
+    bound adds an upper bound on those."""
+    _, d_hidden, d_human, _ = assumptions.deltas()
+    disagreements = min(max(disagreements, 0.0), auto)
+    h = assumptions.human_error
+    if h <= 0:
+        return disagreements, 0.0
+    errors = disagreements
+    for _ in range(8):
+        errors = min(disagreements + binomial_upper(errors, assumptions.agree_when_wrong, d_hidden), auto)
+    return errors, binomial_upper(round(human), h, d_human)
+
+
+def lower_bound(
+    guarantee: Guarantee, auto_errors: float, human_errors: float, items: float, auto: float, model: float
+) -> float:
+    """Certified accuracy of the dataset (or of the automatic labels alone)."""
+    if guarantee is Guarantee.AUTOMATIC:
+        return 1.0 - auto_errors / auto if auto > 0 else 1.0
+    if items <= 0:
+        return 1.0
+    return max(0.0, 1.0 - (auto_errors + human_errors + model) / items)
+
+
+def certify(ledger: Ledger, tally: Tally, assumptions: Assumptions) -> Certificate:
+    """The certificate for the automatic labels in `tally` given the audits in `ledger`."""
+    upper = disagreement_upper(ledger, assumptions.deltas()[0]) - tally.rejected_disagreements
+    auto_errors, human_errors = error_bounds(upper, tally.auto, tally.human, assumptions)
+    return Certificate(
+        guarantee=assumptions.guarantee,
+        target=assumptions.target,
+        delta=assumptions.delta,
+        human_error=assumptions.human_error,
+        tally=tally,
+        auto_errors_upper=auto_errors,
+        human_errors_upper=human_errors,
+    )
+
+
+def wilson_lower_bound(successes: int, n: int, z: float) -> float:
+    """Wilson score lower bound of a binomial proportion (0.0 for an empty sample): the interval
+    shown beside the audits' plain agreement rate. The certificate does not rest on it."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes}/{n}")
+    if n == 0:
+        return 0.0
+    phat = successes / n
+    z2 = z * z
+    centre = phat + z2 / (2.0 * n)
+    spread = z * math.sqrt(phat * (1.0 - phat) / n + z2 / (4.0 * n * n))
+    return max(0.0, min(1.0, (centre - spread) / (1.0 + z2 / n)))
