@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--annotators", type=int, default=8)
     bl.add_argument("--seconds-per-item", type=float, default=0.1)
     bl.add_argument("--error-rate", type=float, default=0.02)
+    bl.add_argument(
+        "--guarantee", choices=("dataset", "automatic"), default="dataset", help="what the target promises"
+    )
+    bl.add_argument(
+        "--human-error",
+        type=float,
+        default=None,
+        help="annotator error the certificate assumes (default: the simulated --error-rate)",
+    )
+    bl.add_argument("--no-baseline", action="store_true", help="skip the random-review baseline runs")
     bl.add_argument("--out", type=Path, help="append results as JSON lines")
 
     project = sub.add_parser("project", help="create or list projects")
@@ -174,6 +184,8 @@ async def _with_clients(args: argparse.Namespace) -> int:
         else:
             info, path = await commands.export(clients, args.project, args.output)
             console.print(f"exported {info.rows:,} rows ({info.pending:,} items still pending) to {path}")
+            certificate = commands.certificate_path(path)
+            console.print(f"certificate: {certificate}")
             return 0
         await work
     return 0
@@ -212,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
                 annotators=args.annotators,
                 seconds_per_item=args.seconds_per_item,
                 error_rate=args.error_rate,
+                guarantee=args.guarantee,
+                human_error=args.error_rate if args.human_error is None else args.human_error,
+                baseline=not args.no_baseline,
                 state_dir=args.state_dir / "bench",
                 out=args.out,
             )

@@ -44,6 +44,9 @@ class BenchOptions:
     annotators: int = 8
     seconds_per_item: float = 0.1
     error_rate: float = 0.02
+    guarantee: str = "dataset"
+    human_error: float = 0.02
+    baseline: bool = True
     state_dir: Path = Path(".state/bench")
     out: Path | None = None
     nats_url: str | None = None
@@ -64,6 +67,9 @@ class RunResult:
     auto_accuracy: float
     below_target_share: float
     seconds: float
+    # The scorer's certificate at the end (0 for the baselines): accuracy guaranteed with
+    # probability 1 - delta for the dataset (or the automatic labels alone).
+    certified_accuracy: float = 0.0
 
 
 def dataset_name(path: Path) -> str:
@@ -132,6 +138,8 @@ async def run_arm(
         target_accuracy=target,
         human_budget_share=budget,
         control_rate=1.0 if arm == "random" else 0.0,
+        guarantee=options.guarantee,
+        human_error=options.human_error,
     )
     await clients.ingest.CreateProject(ingest_pb2.CreateProjectRequest(project=project), timeout=30)
     started = time.monotonic()
@@ -159,6 +167,7 @@ async def run_arm(
     )
     await workforce.run(complete)
     seconds = time.monotonic() - started
+    certified = (await clients.stats(project_id)).scorer.certified_accuracy if arm == "active" else 0.0
     _, path = await export(clients, project_id, options.state_dir / "exports" / f"{project_id}.jsonl")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     correct = [r["label"] == gold[r["id"]] for r in rows]
@@ -176,6 +185,7 @@ async def run_arm(
         auto_accuracy=sum(auto) / len(auto) if auto else 0.0,
         below_target_share=sum(r["below_target"] for r in rows) / len(rows),
         seconds=seconds,
+        certified_accuracy=certified,
     )
 
 
@@ -203,6 +213,7 @@ def results_table(results: list[RunResult]) -> Table:
         "auto",
         "auto acc",
         "below target",
+        "certified",
         "seconds",
     ):
         table.add_column(col, justify="right" if col not in ("dataset", "arm") else "left")
@@ -219,6 +230,7 @@ def results_table(results: list[RunResult]) -> Table:
             f"{r.auto_share:.1%}",
             f"{r.auto_accuracy:.4f}" if r.auto_share else "-",
             f"{r.below_target_share:.1%}",
+            f"{r.certified_accuracy:.4f}" if r.arm == "active" else "-",
             f"{r.seconds:.0f}",
         )
     return table
@@ -260,6 +272,8 @@ async def run_bench(options: BenchOptions) -> list[RunResult]:
                             )
                         results.append(active)
                         console.print(results_table([active]))
+                        if not options.baseline:
+                            continue
                         # The baseline gets exactly the share of people the active run used.
                         with console.status(f"random review at {active.human_share:.1%}…"):
                             baseline = await run_arm(

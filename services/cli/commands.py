@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -161,7 +162,35 @@ async def export(clients: Clients, project_id: str, out: Path | None) -> tuple[e
             written += chunk.jsonl.count(b"\n")
     if written != info.rows:
         raise RuntimeError(f"export {info.export_id}: expected {info.rows} rows, received {written}")
+    await write_certificate(clients, project_id, certificate_path(path))
     return info, path
+
+
+def certificate_path(export_path: Path) -> Path:
+    return export_path.with_name(export_path.stem + ".certificate.json")
+
+
+async def write_certificate(clients: Clients, project_id: str, path: Path) -> dict[str, object]:
+    """What the scorer certifies about the exported labels, beside the export: the certified lower
+    bound and its delta, the estimate, audits and human share (also when the target is not met)."""
+    sc = (await clients.stats(project_id)).scorer
+    doc: dict[str, object] = {
+        "project_id": project_id,
+        "guarantee": sc.guarantee,
+        "target_accuracy": sc.target_accuracy,
+        "certified_accuracy": sc.certified_accuracy,
+        "delta": sc.certificate_delta,
+        "certified": sc.certified,
+        "estimated_accuracy": sc.estimated_accuracy,
+        "audits": sc.audited,
+        "audit_disagreements": sc.audit_disagreements,
+        "human_share": sc.human_share,
+        "human_error_assumed": sc.human_error_assumed,
+        "automatic_labels": sc.auto_accepted,
+        "model_labels_below_target": sc.below_target,
+    }
+    await asyncio.to_thread(path.write_text, json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return doc
 
 
 def describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:

@@ -26,7 +26,7 @@ from services.cli.client import Clients
 from services.cli.commands import console, export, ingest_records, print_ingest_summary, project_complete
 from services.cli.files import Record
 from services.cli.stack import Stack
-from services.cli.views import stats_table
+from services.cli.views import certificate_line, stats_table
 from services.cli.workforce import Workforce, WorkforceConfig
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
@@ -90,17 +90,15 @@ def score_export(path: Path, gold: dict[str, str], accepted: int, duplicates: in
 
 def progress_line(s: stats_pb2.ProjectStats, total: int, elapsed: float) -> str:
     human = s.export.by_source.get("human", 0)
+    sc = s.scorer
     return (
-        f"[{elapsed:5.0f}s] pre-labeled {s.scorer.predicted}/{total}, final {s.export.finalized}/{total} "
-        f"(auto {s.export.by_source.get('auto', 0)}, human {human}), waiting for people {s.scorer.in_review}, "
-        f"threshold {s.scorer.threshold:.3f}"
-        if s.scorer.auto_accepting
-        else f"[{elapsed:5.0f}s] pre-labeled {s.scorer.predicted}/{total}, final {s.export.finalized}/{total} "
-        f"(human {human}), collecting human labels before auto-accepting"
+        f"[{elapsed:5.0f}s] pre-labeled {sc.predicted}/{total}, final {s.export.finalized}/{total} "
+        f"(auto {s.export.by_source.get('auto', 0)}, human {human}), waiting for people {sc.in_review}, "
+        f"certified {sc.guarantee or 'dataset'} accuracy {sc.certified_accuracy:.3f}"
     )
 
 
-def report_table(r: Report, target: float) -> Table:
+def report_table(r: Report, target: float, certificate: str = "") -> Table:
     table = Table(title="Tandem demo: BBC News (2,225 articles, 5 classes)", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -116,6 +114,8 @@ def report_table(r: Report, target: float) -> Table:
         f"{r.auto_count:,}, measured accuracy {r.auto_accuracy:.4f} (target {target:.2f})",
     )
     table.add_row("human labels (simulated, with errors)", f"accuracy {r.human_accuracy:.4f}")
+    if certificate:
+        table.add_row("certified", certificate)
     table.add_row("throughput", f"{r.items_per_second:.1f} items/s over {r.seconds:.0f} s")
     table.add_row("export", str(r.path))
     return table
@@ -158,6 +158,8 @@ async def _loop(
         name="BBC News topics",
         instructions="Pick the topic of the news article.",
         target_accuracy=options.target_accuracy,
+        # The simulated people err at this rate; the certificate must not take them as right.
+        human_error=options.error_rate,
         labels=[projects_pb2.LabelDef(name=k, description=v) for k, v in BBC_LABELS.items()],
     )
     await clients.ingest.CreateProject(ingest_pb2.CreateProjectRequest(project=project), timeout=30)
@@ -220,7 +222,7 @@ async def _loop(
     console.print(stats_table(final_stats, seconds))
     info, path = await export(clients, PROJECT_ID, None)
     report = score_export(path, gold, total, summary.duplicates, seconds)
-    console.print(report_table(report, options.target_accuracy))
+    console.print(report_table(report, options.target_accuracy, certificate_line(final_stats.scorer)))
     if info.rows != total:
         raise RuntimeError(f"exported {info.rows} rows for {total} accepted items")
     return report

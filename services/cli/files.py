@@ -43,6 +43,9 @@ def load_project(path: Path) -> projects_pb2.Project:
             human_budget_items=int(data.get("human_budget_items") or 0),
             human_budget_share=float(data.get("human_budget_share") or 0.0),
             control_rate=float(data.get("control_rate") or 0.0),
+            guarantee=str(data.get("guarantee") or ""),
+            delta=float(data.get("delta") or 0.0),
+            human_error=float(data.get("human_error") or 0.0),
             labels=[
                 projects_pb2.LabelDef(name=str(lb["name"]), description=str(lb.get("description") or ""))
                 if isinstance(lb, dict)

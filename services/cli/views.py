@@ -11,6 +11,24 @@ def pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "-"
 
 
+def certificate_line(sc: stats_pb2.ScorerStats) -> str:
+    """What is certified, in one line a labeling manager can read."""
+    if not sc.guarantee:
+        return "-"
+    scope = "dataset" if sc.guarantee == "dataset" else "automatic labels"
+    verdict = "[green]target met[/]" if sc.certified else "[yellow]target not certified yet[/]"
+    people = (
+        f"people assumed to err at {sc.human_error_assumed:.1%}"
+        if sc.human_error_assumed > 0
+        else "human labels taken as right"
+    )
+    return (
+        f"{scope} accuracy ≥ {sc.certified_accuracy:.4f} with probability {1 - sc.certificate_delta:.0%} "
+        f"(target {sc.target_accuracy:.2f}: {verdict}); estimated {sc.estimated_accuracy:.4f}; "
+        f"human share {sc.human_share:.1%}; {sc.audited} audits; {people}"
+    )
+
+
 def stats_table(s: stats_pb2.ProjectStats, elapsed: float | None = None) -> Table:
     table = Table(title=f"project {s.project_id}", show_header=True, header_style="bold")
     table.add_column("stage")
@@ -32,23 +50,17 @@ def stats_table(s: stats_pb2.ProjectStats, elapsed: float | None = None) -> Tabl
             "budget",
             f"human budget {budget}; finalized below target {sc.below_target:,}; random control arm {sc.control:,}",
         )
-    threshold = f"{sc.threshold:.3f}" if sc.auto_accepting else "not yet (collecting human labels)"
     table.add_row(
         "model",
-        f"{sc.model_version or '-'}; {sc.refits} refits; auto-accept threshold {threshold}; "
-        f"target accuracy {sc.target_accuracy:.2f}; estimated accuracy above threshold "
-        f"{sc.estimated_auto_accuracy:.3f}",
+        f"{sc.model_version or '-'}; {sc.refits} refits; {sc.proposed_pending:,} proposed items waiting for their audits",
     )
+    table.add_row("certificate", certificate_line(sc))
     if sc.audited:
-        alarm = (
-            "; [red]recent audits miss the target: auto-accept paused, everything audited[/]"
-            if sc.audit_alarm
-            else ""
-        )
         table.add_row(
-            "audit of auto-accepts",
-            f"{sc.audit_accuracy:.3f} on {sc.audited} audited items "
-            f"(95% interval {sc.audit_accuracy_low:.3f}–{sc.audit_accuracy_high:.3f}){alarm}",
+            "audits",
+            f"{sc.audited} audited items, {sc.audit_disagreements} disagreements after a second opinion; "
+            f"first-label agreement {sc.audit_accuracy:.3f} "
+            f"(95% interval {sc.audit_accuracy_low:.3f}–{sc.audit_accuracy_high:.3f})",
         )
     rv = s.review
     table.add_row(

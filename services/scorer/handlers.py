@@ -26,9 +26,12 @@ from services.gen.tandem.predictions.v1 import predictions_pb2
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.gen.tandem.tasks.v1 import tasks_pb2
 from services.scorer import repo
-from services.scorer.policy.centroids import DecisionKind, wilson_lower_bound
-from services.scorer.policy.model import LRPolicyConfig, features
-from services.scorer.service import AUDIT_WINDOW, ProjectModel, held_reason
+from services.scorer.policy.certification import wilson_lower_bound
+from services.scorer.policy.features import features
+from services.scorer.policy.model import LRPolicyConfig
+from services.scorer.policy.proposals import ACCEPTED, REJECTED, Entry
+from services.scorer.policy.routing import AUDIT_PRIORITY, HANDED_BACK_PRIORITY
+from services.scorer.service import ProjectModel, Rescored
 from services.scorer.settings import ScorerSettings
 
 log = logging.getLogger(__name__)
@@ -42,11 +45,10 @@ SECOND_OPINIONS = Counter(
     "tandem_scorer_second_opinions_total", "Human labels sent for a second opinion (confident learning)."
 )
 SECOND_OPINION = "second_opinion"
-RERANK_EPSILON = 0.01
-THRESHOLD = Gauge("tandem_scorer_auto_threshold", "Auto-accept confidence threshold of the last refit model.")
-ESTIMATED = Gauge(
-    "tandem_scorer_estimated_accuracy", "Leave-one-out accuracy above the threshold of the last refit model."
+CERTIFIED = Gauge(
+    "tandem_scorer_certified_accuracy", "Certified accuracy (lower bound) of the last refit.", ["project"]
 )
+ESTIMATED = Gauge("tandem_scorer_estimated_accuracy", "Estimated accuracy of the last refit.", ["project"])
 
 
 def _now_ms() -> int:
@@ -76,6 +78,8 @@ class Scorer:
         self._models: dict[str, ProjectModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._dirty: dict[str, float] = {}  # project → monotonic time of the first unrefit label
+        # Disagreeing audits found when a model was rebuilt whose second opinion was never asked.
+        self._unasked: dict[str, list[tuple[str, int]]] = {}
         self._wake = asyncio.Event()
 
     def _lock(self, project_id: str) -> asyncio.Lock:
@@ -96,26 +100,34 @@ class Scorer:
                 await repo.save_label_space(conn, project.project_id, model_id, label_embeddings)
                 stored = label_embeddings
             labeled = await repo.load_human_labels(conn, project.project_id)
-            audits = await repo.recent_audits(conn, project.project_id, AUDIT_WINDOW)
-            seen = await repo.count_items(conn, project.project_id)
+            proposals = await repo.load_proposals(conn, project.project_id)
+            c = await repo.counts(conn, project.project_id)
         model = ProjectModel(project, stored, self._policy)
-        model.add_audit_results(audits)
-        model.seen = seen
+        model.seen, model.auto, model.model_labeled = c.predicted, c.auto, c.below_target
         model.second_opinion_asked = labeled.second_opinion_asked
+        for p in proposals:
+            entry = Entry(p.item_id, p.batch, p.label, p.audit_prob, p.audited, confidence=p.confidence)
+            model.restore_proposal(entry, p.state)
         if len(labeled.y):
-            model.add_labels(
-                features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids, labeled.reasons
+            adjudicate = model.add_labels(
+                features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids
             )
+            # add_labels saw the labels as they are now; the audit outcome rests on the first label.
+            for p in proposals:
+                if p.first_label is not None and p.second_label is not None:
+                    model.book.record_label(p.item_id, p.first_label)
+                    model.record_second_opinion(p.item_id, p.second_label)
+            unasked = {p.item_id for p in proposals if not p.second_requested}
+            self._unasked[project.project_id] = [a for a in adjudicate if a[0] in unasked]
         model.refit()
         self._models[project.project_id] = model
-        if model.budget_spent():
-            # A restart between stopping people and finalizing must not leave items waiting.
-            self._refit_now(project.project_id)
+        self._refit_now(project.project_id)
         log.info(
-            "model for %s ready: %d human labels, threshold %s",
+            "model for %s ready: %d human labels, %d proposed, certified accuracy %.4f",
             project.project_id,
             model.n_labels,
-            model.threshold,
+            len(model.book.entries),
+            model.certificate().lower_bound,
         )
         return model
 
@@ -144,28 +156,23 @@ class Scorer:
         X = np.vstack([np.asarray(p.embedding, dtype=np.float32) for p in batch.predictions])
         zero_shot = np.vstack([np.asarray(p.probs, dtype=np.float32) for p in batch.predictions])
         ids = [p.item_id for p in batch.predictions]
-        decisions = model.decide(features(X, zero_shot), ids)
+        labels, confidence, priority = model.decide(features(X, zero_shot), ids)
         spent = model.budget_spent(extra_seen=len(ids))
+        reason = "uncertain" if model.ranks_by_ambiguity else "warmup"
         rows: list[repo.ItemDecision] = []
-        for p, d in zip(batch.predictions, decisions, strict=True):
-            priority = d.priority
+        for i, p in enumerate(batch.predictions):
+            label, conf, prio = int(labels[i]), float(confidence[i]), float(priority[i])
             if p.synthetic:
                 # Written by a model: never accepted without a person, budget or not.
-                state, reason, priority = "review", "synthetic", 1.0
-            elif spent and d.kind is not DecisionKind.AUTO:
-                state, reason = "model", "budget"
+                rows.append(repo.ItemDecision(p.item_id, "review", "synthetic", label, conf, 1.0))
+            elif spent:
+                rows.append(repo.ItemDecision(p.item_id, "model", "budget", label, conf, prio))
             elif model.is_control(p.item_id):
                 # The random arm: people label it whatever the model thinks, served first.
-                state, reason, priority = "review", "control", 1.0
-            elif d.kind is DecisionKind.AUTO:
-                state, reason = "auto", "confident"
-            elif d.kind is DecisionKind.AUDIT:
-                # Before a threshold exists the draw samples all items, not auto-acceptable ones:
-                # their agreement says nothing about auto-accepted accuracy (see add_audit_results).
-                state, reason = "review", held_reason(model.threshold)
+                rows.append(repo.ItemDecision(p.item_id, "review", "control", label, conf, 1.0))
             else:
-                state, reason = "review", "uncertain" if model.ranks_by_ambiguity else "warmup"
-            rows.append(repo.ItemDecision(p.item_id, state, reason, d.label, d.confidence, priority))
+                # Acceptance goes through a proposal and its certificate at the next refit.
+                rows.append(repo.ItemDecision(p.item_id, "review", reason, label, conf, prio))
         new_items = [
             repo.NewItem(
                 item_id=p.item_id,
@@ -195,9 +202,14 @@ class Scorer:
             ]
             await repo.publish(conn, self._outgoing(project.project_id, f"new:{msg_id}", tasks, finals, []))
         model.seen += len(todo)
+        model.model_labeled += sum(1 for _, r in todo if r.state == "model")
         self._relay.notify()
         for _, r in todo:
             DECISIONS.labels(r.reason).inc()
+        if todo and model.ranks_by_ambiguity:
+            # New items may be proposed for automatic acceptance at the next refit.
+            self._dirty.setdefault(project.project_id, time.monotonic())
+            self._wake.set()
 
     # -- human labels --------------------------------------------------------------------------
 
@@ -247,17 +259,22 @@ class Scorer:
             for o in corrected:
                 # Two of three votes (the second person and the model) against the first label.
                 model.relabel(o.item_id, o.second_label)
+            for o in opinions:
+                # Settles a disagreeing audit: the disagreement stands unless they side with the model.
+                model.record_second_opinion(o.item_id, o.second_label)
+            if opinions and not new:
+                self._dirty.setdefault(project.project_id, time.monotonic())
+                self._wake.set()
             if new:
                 # Labels of tasks people held when the budget ran out keep arriving: their tasks
                 # were withdrawn already.
                 was_spent = model.budget_spent()
-                model.add_labels(
+                adjudicate = model.add_labels(
                     features(np.vstack([n.embedding for n in new]), np.vstack([n.zero_shot for n in new])),
                     np.array([n.label for n in new]),
                     [n.item_id for n in new],
-                    [n.reason for n in new],
                 )
-                model.add_audit_results(n.label == n.predicted_label for n in new if n.reason == "audit")
+                await self._ask_second_opinions(model, adjudicate, f"adjudicate:{delivery.msg_id}")
                 if model.budget_spent():
                     if not was_spent:
                         await self._withdraw_open_tasks(model)
@@ -304,88 +321,124 @@ class Scorer:
         await asyncio.to_thread(model.refit)
         async with self._lock(project_id):
             REFITS.inc()
-            THRESHOLD.set(model.threshold or 0.0)
-            ESTIMATED.set(model.estimated_accuracy)
+            unasked = self._unasked.pop(project_id, [])
+            if unasked:
+                await self._ask_second_opinions(model, unasked, f"adjudicate:restart:{model.refits}")
             spent = model.budget_spent()
             if spent and model.pending_labels:
                 # Labels of tasks leased before the budget ran out came in during the fit.
                 self._refit_now(project_id)
                 return
             waiting, X_waiting = await self._waiting(model, spent=spent)
-            project = model.project
             if spent:
-                await self._finalize_below_target(model, waiting, X_waiting)
+                result = model.settle()
+            else:
+                priorities = np.array([w.priority for w in waiting], dtype=np.float64)
+                result = model.rescore(X_waiting, [w.item_id for w in waiting], priorities)
+            accepted_ids = await self._apply(model, waiting, result)
+            if spent:
+                done = set(accepted_ids)
+                rest = [(w, x) for w, x in zip(waiting, X_waiting, strict=True) if w.item_id not in done]
+                await self._finalize_below_target(
+                    model,
+                    [w for w, _ in rest],
+                    np.vstack([x for _, x in rest]) if rest else X_waiting[:0],
+                )
                 return
-            result = model.rescore(X_waiting, [w.item_id for w in waiting])
-            # Only changes that can reorder the queue travel to review; a large pool would
-            # otherwise resend every waiting task after every refit.
-            result.reprioritize = [
-                (row, prio)
-                for row, prio in result.reprioritize
-                if abs(prio - waiting[row].priority) > RERANK_EPSILON
+            await self._request_second_opinions(model)
+            await self._publish_demonstrations(model)
+            if accepted_ids or result.proposed or model.refits % 10 == 0:
+                cert = model.certificate()
+                n_audited = sum(1 for e in result.proposed if e.audited)
+                log.info(
+                    "refit %s #%d: %d labels, %d waiting; proposed %d (%d audited), accepted %d,"
+                    " handed back %d batches; %d automatic labels, certified %s accuracy %.4f"
+                    " (target %.2f, delta %.2f), estimated %.4f",
+                    project_id,
+                    model.refits,
+                    model.n_labels,
+                    len(waiting),
+                    len(result.proposed),
+                    n_audited,
+                    len(accepted_ids),
+                    len(result.rejected_batches),
+                    model.auto,
+                    cert.guarantee.value,
+                    cert.lower_bound,
+                    cert.target,
+                    cert.delta,
+                    model.estimated_accuracy(),
+                )
+
+    async def _apply(self, model: ProjectModel, waiting: list[repo.Waiting], result: Rescored) -> list[str]:
+        """Write what a refit decided and publish it: proposals (audits go to people first), batch
+        fates, accepted items' final labels, new priorities. Returns the accepted item ids."""
+        project = model.project
+        project_id = project.project_id
+        proposed = [
+            (e.item_id, e.label, e.audit_prob, e.audited, e.confidence, AUDIT_PRIORITY)
+            for e in result.proposed
+        ]
+        accepted_batches = sorted(
+            {e.batch for e in (model.book.latest(i) for i, _, _ in result.accept) if e is not None}
+        )
+        cert = model.certificate()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await repo.save_model_state(
+                conn, project_id, model.refits, cert.lower_bound, model.estimated_accuracy()
+            )
+            await repo.save_proposals(conn, project_id, result.batch, proposed)
+            await repo.set_proposal_state(conn, project_id, result.rejected_batches, REJECTED)
+            await repo.set_proposal_state(conn, project_id, accepted_batches, ACCEPTED)
+            accepted_ids = await repo.accept_waiting(conn, result.accept, model.version)
+            finals = [
+                self._final(project, item_id, label, conf, model.version)
+                for item_id, label, conf in result.accept
+                if item_id in accepted_ids
             ]
-            held = [
-                (waiting[row].item_id, reason, label, conf, prio)
-                for row, label, conf, prio, reason in result.audit
-            ]
-            async with self._pool.acquire() as conn, conn.transaction():
-                await repo.save_model_state(
-                    conn, project_id, model.refits, model.threshold, model.estimated_accuracy
-                )
-                accepted_ids = await repo.accept_waiting(
-                    conn,
-                    [(waiting[row].item_id, label, conf) for row, label, conf in result.accept],
-                    model.version,
-                )
-                finals = [
-                    self._final(project, waiting[row].item_id, label, conf, model.version)
-                    for row, label, conf in result.accept
-                    if waiting[row].item_id in accepted_ids
-                ]
-                await repo.update_priorities(
-                    conn, [(waiting[row].item_id, prio) for row, prio in result.reprioritize]
-                )
-                await repo.hold_for_people(conn, held)
-                # Re-ranking carries no text: the task exists in review already (see ReviewTask).
-                tasks = [
+            await repo.update_priorities(
+                conn,
+                [(waiting[row].item_id, prio) for row, prio in result.reprioritize]
+                + [(item_id, HANDED_BACK_PRIORITY) for item_id in result.handed_back],
+            )
+            # Re-ranking carries no text: the task exists in review already (see ReviewTask).
+            tasks = (
+                [
                     tasks_pb2.ReviewTask(
                         item_id=waiting[row].item_id, project_id=project_id, priority=prio, reason="uncertain"
                     )
                     for row, prio in result.reprioritize
-                ] + [
-                    tasks_pb2.ReviewTask(item_id=item_id, project_id=project_id, priority=prio, reason=reason)
-                    for item_id, reason, _, _, prio in held
                 ]
-                await repo.publish(
-                    conn,
-                    self._outgoing(
-                        project_id, f"refit:{project_id}:{model.refits}", tasks, finals, sorted(accepted_ids)
-                    ),
-                )
-            self._relay.notify()
-            await self._request_second_opinions(model)
-            await self._publish_demonstrations(model)
-            WITHDRAWN.inc(len(accepted_ids))
-            DECISIONS.labels("rescored").inc(len(accepted_ids))
-            for _, reason, _, _, _ in held:
-                DECISIONS.labels(reason).inc()
-            if accepted_ids or model.refits % 10 == 0:
-                log.info(
-                    "refit %s #%d: %d labels, threshold %s (out-of-fold %.4f on %d labels above it,"
-                    " %.4f on the %d of them drawn at random), %d waiting, %d auto-accepted,"
-                    " %d held for people (sample or audit)",
-                    project_id,
-                    model.refits,
-                    model.n_labels,
-                    None if model.threshold is None else f"{model.threshold:.6f}",
-                    model.estimated_accuracy,
-                    model.support,
-                    model.random_accuracy,
-                    model.random_support,
-                    len(waiting),
-                    len(accepted_ids),
-                    len(held),
-                )
+                + [
+                    tasks_pb2.ReviewTask(
+                        item_id=e.item_id, project_id=project_id, priority=AUDIT_PRIORITY, reason="audit"
+                    )
+                    for e in result.proposed
+                    if e.audited
+                ]
+                + [
+                    tasks_pb2.ReviewTask(
+                        item_id=item_id,
+                        project_id=project_id,
+                        priority=HANDED_BACK_PRIORITY,
+                        reason="handed_back",
+                    )
+                    for item_id in result.handed_back
+                ]
+            )
+            await repo.publish(
+                conn,
+                self._outgoing(
+                    project_id, f"refit:{project_id}:{model.refits}", tasks, finals, sorted(accepted_ids)
+                ),
+            )
+        self._relay.notify()
+        CERTIFIED.labels(project_id).set(cert.lower_bound)
+        ESTIMATED.labels(project_id).set(model.estimated_accuracy())
+        WITHDRAWN.inc(len(accepted_ids))
+        DECISIONS.labels("certified").inc(len(accepted_ids))
+        DECISIONS.labels("audit").inc(sum(1 for e in result.proposed if e.audited))
+        return sorted(accepted_ids)
 
     def _refit_now(self, project_id: str) -> None:
         """Make the project's next refit due at once, whatever the refit interval."""
@@ -448,6 +501,7 @@ class Scorer:
                 ),
             )
         self._relay.notify()
+        model.model_labeled += len(done)
         DECISIONS.labels("budget").inc(len(done))
         log.info(
             "human budget of %s spent: %d waiting items finalized below target", project.project_id, len(done)
@@ -456,10 +510,16 @@ class Scorer:
     async def _request_second_opinions(self, model: ProjectModel) -> None:
         """Human labels the model contradicts with confidence go to someone else for a second look."""
         suspected = model.label_issues(self._settings.second_opinions_per_refit)
+        await self._ask_second_opinions(model, suspected, f"second:{model.project.project_id}:{model.refits}")
+
+    async def _ask_second_opinions(
+        self, model: ProjectModel, suspected: list[tuple[str, int]], key: str
+    ) -> None:
+        """Send labeled items to someone else: (item id, the label the model suspects is right).
+        Label-error audits and disagreeing audits of proposals both go this way."""
         if not suspected:
             return
         project = model.project
-        suspected_label = dict(suspected)
         async with self._pool.acquire() as conn, conn.transaction():
             items = await repo.request_second_opinions(conn, suspected)
             tasks = [
@@ -477,13 +537,8 @@ class Scorer:
                 )
                 for it in items
             ]
-            await repo.publish(
-                conn,
-                self._outgoing(
-                    project.project_id, f"second:{project.project_id}:{model.refits}", tasks, [], []
-                ),
-            )
-        model.second_opinion_asked.update(suspected_label)
+            await repo.publish(conn, self._outgoing(project.project_id, key, tasks, [], []))
+        model.second_opinion_asked.update(item_id for item_id, _ in suspected)
         self._relay.notify()
         SECOND_OPINIONS.inc(len(items))
 
@@ -608,13 +663,20 @@ class Scorer:
             out.audit_accuracy_high = 1.0 - wilson_lower_bound(c.audited - c.audit_correct, c.audited, 1.96)
         if model is not None:
             out.refits = model.refits
-            out.threshold = model.threshold or 0.0
-            out.auto_accepting = model.threshold is not None
-            out.estimated_auto_accuracy = model.estimated_accuracy
             out.target_accuracy = model.config.target_accuracy
             out.model_version = model.version
-            out.audit_alarm = model.audit_alarm
-            out.human_budget = model.project.human_budget(model.seen) or 0
+            out.human_budget = model.budget.limit(model.seen) or 0
+            cert = model.certificate()
+            out.guarantee = cert.guarantee.value
+            out.certified_accuracy = cert.lower_bound
+            out.certificate_delta = cert.delta
+            out.certified = cert.met
+            out.estimated_accuracy = model.estimated_accuracy()
+            out.human_error_assumed = cert.human_error
+            decided = c.auto + c.human + c.below_target
+            out.human_share = c.human / decided if decided else 0.0
+            out.proposed_pending = c.pending
+            out.audit_disagreements = model.book.audits()[1]
         return out
 
 

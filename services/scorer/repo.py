@@ -74,15 +74,15 @@ async def save_label_space(conn: asyncpg.Connection, project_id: str, model_id: 
 
 
 async def save_model_state(
-    conn: asyncpg.Connection, project_id: str, refits: int, threshold: float | None, accuracy: float
+    conn: asyncpg.Connection, project_id: str, refits: int, certified: float, estimated: float
 ) -> None:
     await conn.execute(
-        "UPDATE scorer.projects SET refits = $2, threshold = $3, estimated_accuracy = $4, updated_at = now()"
-        " WHERE project_id = $1",
+        "UPDATE scorer.projects SET refits = $2, certified_accuracy = $3, estimated_accuracy = $4,"
+        " updated_at = now() WHERE project_id = $1",
         project_id,
         refits,
-        threshold,
-        accuracy,
+        certified,
+        estimated,
     )
 
 
@@ -92,25 +92,23 @@ class HumanLabels:
     zero_shot: np.ndarray
     y: np.ndarray
     item_ids: list[str]
-    reasons: list[str]  # why each item went to people (see ProjectModel.is_random)
     second_opinion_asked: set[str]
 
 
 async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> HumanLabels:
     rows = await conn.fetch(
-        "SELECT item_id, embedding, zero_shot, human_label, reason, second_opinion_requested FROM scorer.items"
+        "SELECT item_id, embedding, zero_shot, human_label, second_opinion_requested FROM scorer.items"
         " WHERE project_id = $1 AND human_label IS NOT NULL ORDER BY labeled_at, item_id",
         project_id,
     )
     if not rows:
         empty = np.zeros((0, 0), dtype=np.float32)
-        return HumanLabels(empty, empty, np.zeros(0, dtype=np.int64), [], [], set())
+        return HumanLabels(empty, empty, np.zeros(0, dtype=np.int64), [], set())
     return HumanLabels(
         embeddings=np.vstack([_vec(r["embedding"]) for r in rows]),
         zero_shot=np.vstack([_probs(r["zero_shot"]) for r in rows]),
         y=np.array([r["human_label"] for r in rows], dtype=np.int64),
         item_ids=[str(r["item_id"]) for r in rows],
-        reasons=[r["reason"] for r in rows],
         second_opinion_asked={str(r["item_id"]) for r in rows if r["second_opinion_requested"]},
     )
 
@@ -252,25 +250,100 @@ async def record_human_labels(
     ]
 
 
-async def recent_audits(conn: asyncpg.Connection, project_id: str, n: int) -> list[bool]:
-    """Whether people agreed with the most recent audited labels, oldest first."""
+@dataclass(frozen=True)
+class StoredProposal:
+    item_id: str
+    batch: int
+    label: int
+    audit_prob: float
+    audited: bool
+    state: str  # pending | accepted | rejected
+    confidence: float
+    first_label: int | None  # the item's first human label, if any
+    second_label: int | None  # a second opinion, if any
+    second_requested: bool
+
+
+async def load_proposals(conn: asyncpg.Connection, project_id: str) -> list[StoredProposal]:
+    """Every proposal of the project in batch order, with what people said of its item."""
     rows = await conn.fetch(
-        "SELECT human_label = predicted_label AS agreed FROM scorer.items"
-        " WHERE project_id = $1 AND reason = 'audit' AND human_label IS NOT NULL"
-        " ORDER BY labeled_at DESC, item_id LIMIT $2",
+        "SELECT p.item_id, p.batch, p.label, p.audit_prob, p.audited, p.state, p.confidence,"
+        " coalesce(i.first_label, i.human_label) AS first, i.second_label, i.second_opinion_requested"
+        " FROM scorer.proposals p JOIN scorer.items i ON i.item_id = p.item_id"
+        " WHERE p.project_id = $1 ORDER BY p.batch, p.item_id",
         project_id,
-        n,
     )
-    return [bool(r["agreed"]) for r in reversed(rows)]
+    return [
+        StoredProposal(
+            str(r["item_id"]),
+            r["batch"],
+            r["label"],
+            r["audit_prob"],
+            r["audited"],
+            r["state"],
+            r["confidence"],
+            r["first"],
+            r["second_label"],
+            r["second_opinion_requested"],
+        )
+        for r in rows
+    ]
+
+
+async def save_proposals(
+    conn: asyncpg.Connection,
+    project_id: str,
+    batch: int,
+    entries: Sequence[tuple[str, int, float, bool, float, float]],
+) -> None:
+    """Record a proposed batch: (item id, label, audit probability, audited, confidence, priority).
+    Audited items become audits: people get them first, and their label is compared with this one."""
+    if not entries:
+        return
+    await conn.execute(
+        "INSERT INTO scorer.proposals (project_id, batch, item_id, label, audit_prob, audited, confidence)"
+        " SELECT $1, $2, e.item_id, e.label, e.pi, e.audited, e.conf"
+        " FROM unnest($3::uuid[], $4::int[], $5::real[], $6::boolean[], $7::real[])"
+        " AS e(item_id, label, pi, audited, conf) ON CONFLICT DO NOTHING",
+        project_id,
+        batch,
+        [e[0] for e in entries],
+        [e[1] for e in entries],
+        [e[2] for e in entries],
+        [e[3] for e in entries],
+        [e[4] for e in entries],
+    )
+    audits = [e for e in entries if e[3]]
+    if audits:
+        await conn.execute(
+            "UPDATE scorer.items i SET reason = 'audit', predicted_label = a.label, confidence = a.conf,"
+            " priority = a.prio FROM unnest($1::uuid[], $2::int[], $3::real[], $4::real[])"
+            " AS a(item_id, label, conf, prio) WHERE i.item_id = a.item_id AND i.state = 'review'",
+            [e[0] for e in audits],
+            [e[1] for e in audits],
+            [e[4] for e in audits],
+            [e[5] for e in audits],
+        )
+
+
+async def set_proposal_state(
+    conn: asyncpg.Connection, project_id: str, batches: Sequence[int], state: str
+) -> None:
+    if batches:
+        await conn.execute(
+            "UPDATE scorer.proposals SET state = $3 WHERE project_id = $1 AND batch = ANY($2::int[])",
+            project_id,
+            list(batches),
+            state,
+        )
 
 
 async def waiting_for_people(
     conn: asyncpg.Connection, project_id: str, *, all_but_synthetic: bool = False
 ) -> list[Waiting]:
-    """Items in review that a refit may still decide: not audits, random samples, control or
-    synthetic items (their point is that people label them), unless the budget is spent (then all
-    but synthetic)."""
-    excluded = ["synthetic"] if all_but_synthetic else ["audit", "sample", "synthetic", "control"]
+    """Items in review that a refit may still decide: not audits, control or synthetic items (their
+    point is that people label them), unless the budget is spent (then all but synthetic)."""
+    excluded = ["synthetic"] if all_but_synthetic else ["audit", "synthetic", "control"]
     rows = await conn.fetch(
         "SELECT item_id, external_id, text, embedding, zero_shot, priority FROM scorer.items"
         " WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
@@ -296,7 +369,7 @@ async def accept_waiting(
     model_id: str,
     *,
     state: str = "auto",
-    reason: str = "rescored",
+    reason: str = "certified",
 ) -> set[str]:
     """Finalize waiting items with the model's label; returns those that were still waiting at this
     moment (a human label may have won)."""
@@ -329,28 +402,6 @@ async def update_priorities(conn: asyncpg.Connection, changes: Sequence[tuple[st
     )
 
 
-async def hold_for_people(
-    conn: asyncpg.Connection, held: Sequence[tuple[str, str, int, float, float]]
-) -> None:
-    """Turn waiting items into audits or random samples: (item id, reason, the model's label,
-    confidence, priority). The label is what people's answer is compared with (recent_audits), and
-    the reason keeps them out of waiting_for_people, so no later refit accepts them."""
-    if not held:
-        return
-    await conn.execute(
-        "UPDATE scorer.items i SET reason = h.reason, predicted_label = h.label, confidence = h.conf,"
-        " priority = h.prio"
-        " FROM unnest($1::uuid[], $2::text[], $3::int[], $4::real[], $5::real[])"
-        " AS h(item_id, reason, label, conf, prio)"
-        " WHERE i.item_id = h.item_id AND i.state = 'review'",
-        [h[0] for h in held],
-        [h[1] for h in held],
-        [h[2] for h in held],
-        [h[3] for h in held],
-        [h[4] for h in held],
-    )
-
-
 async def publish(conn: asyncpg.Connection, outgoing: Sequence[Outgoing]) -> None:
     await enqueue(conn, SCHEMA, outgoing)
 
@@ -369,6 +420,7 @@ class Counts:
     control: int
     second_opinions: int
     relabeled: int
+    pending: int
 
 
 async def counts(conn: asyncpg.Connection, project_id: str) -> Counts:
@@ -385,7 +437,9 @@ async def counts(conn: asyncpg.Connection, project_id: str) -> Counts:
         " count(*) FILTER (WHERE reason = 'control') AS control,"
         " count(*) FILTER (WHERE second_opinion_requested) AS second_opinions,"
         " count(*) FILTER (WHERE second_label IS NOT NULL AND second_label <> first_label"
-        "  AND second_label = suspected_label) AS relabeled"
+        "  AND second_label = suspected_label) AS relabeled,"
+        " (SELECT count(*) FROM scorer.proposals p WHERE p.project_id = $1 AND p.state = 'pending'"
+        "  AND NOT p.audited) AS pending"
         " FROM scorer.items WHERE project_id = $1",
         project_id,
     )

@@ -24,13 +24,13 @@ from services.scorer.policy.proposals import (
     audit_floor,
     unit_draw,
 )
-from services.scorer.policy.routing import AUDIT_PRIORITY, confidence_of, route
+from services.scorer.policy.routing import AUDIT_PRIORITY, HANDED_BACK_PRIORITY, confidence_of, route
 
 # Confident learning needs a model worth trusting: enough labels, and a clear contradiction.
 LABEL_AUDIT_MIN_LABELS = 30
 LABEL_AUDIT_MIN_CONFIDENCE = 0.9
-# A proposal is at most this many times the items accepted or proposed so far (and at least
-# MIN_PROPOSAL): one the audits refute goes back to people, so early ones stay small.
+# A proposal is at most this many times the items accepted so far, and at least MIN_PROPOSAL: one
+# the audits refute goes back to people, so early ones stay small.
 PROPOSAL_GROWTH = 1.0
 MIN_PROPOSAL = 50
 
@@ -45,9 +45,12 @@ class Rescored:
     # Newly proposed items: the audited ones go to people now, the others wait for the certificate.
     batch: int = 0
     proposed: list[Entry] = field(default_factory=list)
-    # Items to accept now (from this or earlier proposals): (item id, label).
-    accept: list[tuple[str, int]] = field(default_factory=list)
+    # Items to accept now (from this or earlier proposals): (item id, label, confidence).
+    accept: list[tuple[str, int, float]] = field(default_factory=list)
     rejected_batches: list[int] = field(default_factory=list)
+    # Items of those batches still waiting: people get them next (their batch's audits refuted
+    # the model there, and until they are labeled the refuted batch weighs on the certificate).
+    handed_back: list[str] = field(default_factory=list)
 
 
 class ProjectModel:
@@ -129,7 +132,9 @@ class ProjectModel:
             self._rows[item_id] = len(self.item_ids)
             self.item_ids.append(item_id)
             if self.book.record_label(item_id, int(label)):
-                adjudicate.append((item_id, self.book.entries[self.book.index[item_id]].label))
+                entry = self.book.latest(item_id)
+                assert entry is not None
+                adjudicate.append((item_id, entry.label))
         self.pending_labels += len(y)
         return adjudicate
 
@@ -249,9 +254,12 @@ class ProjectModel:
             self.n_labels,
             self.config.min_human_labels,
         )
-        fresh = np.array([not self.book.proposed(i) for i in item_ids], dtype=bool)
+        fresh = np.array([self.book.proposable(i, self.n_labels) for i in item_ids], dtype=bool)
         for row in np.flatnonzero(fresh).tolist():
             prio = float(routing.priority[row])
+            if item_ids[row] in self.book.index:
+                # Handed back: stays ahead of the ambiguity order until people label it.
+                prio = HANDED_BACK_PRIORITY
             if priorities is None or abs(prio - float(priorities[row])) > 0.01:
                 out.reprioritize.append((row, prio))
         self._propose(out, item_ids, routing.label, routing.confidence, fresh)
@@ -268,38 +276,50 @@ class ProjectModel:
         self, out: Rescored, item_ids: list[str], labels: np.ndarray, conf: np.ndarray, fresh: np.ndarray
     ) -> None:
         candidates = np.flatnonzero(fresh)
-        if candidates.size == 0:
+        # One proposal at a time: a pending audit counts as a disagreement, so a batch waiting for
+        # its audits would weigh on the verdict of any other.
+        if candidates.size == 0 or self.book.has_pending():
             return
-        pending = self.book.pending_items()
-        room = max(MIN_PROPOSAL, int(PROPOSAL_GROWTH * (self.auto + pending)))
+        room = max(MIN_PROPOSAL, int(PROPOSAL_GROWTH * self.auto))
         floor = audit_floor(self.project.audit_rate, self.assumptions.target, self.seen)
         plan = self.book.plan(conf[candidates], self.tally(), floor, room)
         if plan is None:
             return
         out.batch = self.book.next_batch
+        self.book.proposed_at[out.batch] = self.n_labels
         for rank, pi in zip(plan.rows.tolist(), plan.audit_prob.tolist(), strict=True):
             row = int(candidates[rank])
             item_id = item_ids[row]
             # The draw is fixed by the item id and only now compared with pi, which was set first.
             audited = unit_draw(item_id, "audit") < pi
-            entry = Entry(item_id, out.batch, int(labels[row]), float(pi), audited)
+            entry = Entry(
+                item_id, out.batch, int(labels[row]), float(pi), audited, confidence=float(conf[row])
+            )
             self.book.add(entry)
             out.proposed.append(entry)
 
     def _settle(self, out: Rescored) -> None:
-        accepted, rejected = self.book.settle(self.tally())
+        accepted, rejected = self.book.settle(self.tally(), self.n_labels)
         for batch in accepted:
             for e in self.book.batch(batch):
                 if not e.audited and e.disagreed is None:
-                    out.accept.append((e.item_id, e.label))
+                    out.accept.append((e.item_id, e.label, e.confidence))
         # Final from here on: an item labeled by people in the meantime stays theirs (the scorer's
         # acceptance of it finds no waiting item), a rare race counted here as automatic.
         self.auto += len(out.accept)
         out.rejected_batches.extend(rejected)
+        for batch in rejected:
+            out.handed_back += [
+                e.item_id for e in self.book.batch(batch) if not e.audited and e.disagreed is None
+            ]
 
     def restore_proposal(self, entry: Entry, state: str) -> None:
-        """Rebuild the book from PostgreSQL after a restart (human labels are added after it)."""
+        """Rebuild the book from PostgreSQL after a restart, in batch order (human labels are added
+        after it)."""
         self.book.add(entry, state if state in (ACCEPTED, REJECTED) else "pending")
+        self.book.proposed_at.setdefault(entry.batch, self.n_labels)
+        if state == REJECTED:
+            self.book.rejected_at.setdefault(entry.batch, self.n_labels)
 
     @staticmethod
     def audit_priority() -> float:

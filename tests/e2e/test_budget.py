@@ -96,3 +96,11 @@ async def test_spent_budget_finalizes_the_rest_below_target(stack: Stack, tmp_pa
         assert stats.scorer.below_target == len(below)
         assert stats.scorer.human_budget == BUDGET
         assert stats.scorer.control > 0
+        # The budget ran out before the target was certified: what is certified is said, not
+        # left silent — in the stats and beside the export. Unchecked model labels count as
+        # possibly wrong, so the certified accuracy is at most the share people labeled.
+        assert not stats.scorer.certified and stats.scorer.guarantee == "dataset"
+        assert 0.0 < stats.scorer.certified_accuracy <= (len(rows) - len(below)) / len(rows)
+        certificate = json.loads((tmp_path / "budget.certificate.json").read_text())
+        assert certificate["certified"] is False and certificate["delta"] == pytest.approx(0.05)
+        assert certificate["certified_accuracy"] == pytest.approx(stats.scorer.certified_accuracy)

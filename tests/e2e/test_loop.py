@@ -27,7 +27,6 @@ PROJECT = "e2e-topics"
 # Small pools: the scorer must reach its auto-accept threshold within a test-sized corpus.
 SCORER_ENV = {
     "TANDEM_SCORER_MIN_HUMAN_LABELS": "12",
-    "TANDEM_SCORER_MIN_SUPPORT": "8",
     "TANDEM_SCORER_REFIT_EVERY": "4",
     "TANDEM_SCORER_REFIT_SECONDS": "0.5",
     "TANDEM_DRAIN_SECONDS": "5",

@@ -30,8 +30,8 @@ their label arrives (B only grows with them, so this only makes the bound larger
 People err too, at an assumed rate h (wrong labels spread over the other k-1 classes). An audit
 label that disagrees with the model goes to a second person; the disagreement stands unless the
 second person sides with the model, so d_i is a model error but for people erring twice. Errors
-hidden by a first person who picks the same wrong label (rate h/(k-1)) are added back as an upper
-binomial bound, and human labels in the dataset count as wrong at rate h (an upper Chernoff bound).
+hidden by a first or second person who picks the same wrong label (rate 1 - (1 - h/(k-1))^2) are
+added back as an upper binomial bound, and human labels in the dataset count as wrong at rate h (an upper Chernoff bound).
 h = 0 takes every human label as right; the certificate states the assumption it rests on.
 
 The dataset guarantee (Candès, Ilyas & Zrnic 2025, probably approximately correct labels) is on
@@ -62,32 +62,61 @@ class Guarantee(StrEnum):
     AUTOMATIC = "automatic"
 
 
+# Where a proposed item's batch stands.
+PENDING_BATCH, ACCEPTED_BATCH, REJECTED_BATCH = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class Ledger:
-    """Every item proposed for automatic acceptance so far (arrays of one row per item)."""
+    """Every item proposed for automatic acceptance so far (arrays of one row per item).
+
+    Without `state` every item counts as accepted (the plain sequence over all proposals)."""
 
     audit_prob: np.ndarray  # pi_i, fixed before the draw
     audited: np.ndarray  # bool: the draw sent it to people
-    # Weight of a disagreement seen on an audited row, in [0, 1]: 1 or 0 once the audit label
-    # is in, 1 while it is pending (a planning caller may pass an expected value instead).
+    # Disagreement in [0, 1]. Audited rows: 1 or 0 once settled, 1 while pending (a planning
+    # caller may pass an expected value instead). Unaudited rows: 1 or 0 where `known`.
     disagreed: np.ndarray
+    known: np.ndarray | None = None  # unaudited rows whose disagreement people's label revealed
+    batch: np.ndarray | None = None  # batch number per row
+    state: np.ndarray | None = None  # PENDING_BATCH / ACCEPTED_BATCH / REJECTED_BATCH per row
 
     @staticmethod
     def empty() -> Ledger:
         return Ledger(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0))
 
     def extended(self, audit_prob: np.ndarray, audited: np.ndarray, disagreed: np.ndarray) -> Ledger:
+        """These rows added as one accepted batch."""
+        n_new = len(np.asarray(audit_prob))
+        new_batch = int(self.batches().max(initial=0)) + 1
         return Ledger(
             np.concatenate([self.audit_prob, np.asarray(audit_prob, dtype=np.float64)]),
             np.concatenate([self.audited, np.asarray(audited, dtype=bool)]),
             np.concatenate([self.disagreed, np.asarray(disagreed, dtype=np.float64)]),
+            np.concatenate([self.knowns(), np.zeros(n_new, dtype=bool)]),
+            np.concatenate([self.batches(), np.full(n_new, new_batch, dtype=np.int64)]),
+            np.concatenate([self.states(), np.full(n_new, ACCEPTED_BATCH, dtype=np.int8)]),
         )
+
+    def knowns(self) -> np.ndarray:
+        return np.zeros(len(self.audit_prob), dtype=bool) if self.known is None else self.known
+
+    def batches(self) -> np.ndarray:
+        return np.zeros(len(self.audit_prob), dtype=np.int64) if self.batch is None else self.batch
+
+    def states(self) -> np.ndarray:
+        n = len(self.audit_prob)
+        return np.full(n, ACCEPTED_BATCH, dtype=np.int8) if self.state is None else self.state
+
+    def with_state(self, batch: int, state: int) -> Ledger:
+        states = self.states().copy()
+        states[self.batches() == batch] = state
+        return Ledger(self.audit_prob, self.audited, self.disagreed, self.known, self.batch, states)
 
 
 def _bets(audit_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per item and bet size: the bet gamma_ij = min(gamma_j, share of the item's cap), fixed by the
-    item's own pi before its draw, and the cost c_ij of an audited disagreement under it. Returns
-    (Gamma_j, c): Gamma_j = min_i gamma_ij is what every unaudited disagreement is at least credited."""
+    item's own pi before its draw, and the cost c_ij of an audited disagreement under it."""
     pi = np.clip(np.asarray(audit_prob, dtype=np.float64), 1e-9, 1.0)
     # Items audited with certainty can never slip through: they take no part in the bet.
     uncertain = pi < 1.0
@@ -97,30 +126,67 @@ def _bets(audit_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ratio = -np.expm1(-gamma_ij) / pi[:, None]
     cost = -np.log1p(-np.minimum(ratio, 1.0 - 1e-12)) - gamma_ij
     cost[~uncertain] = 0.0
-    gamma = gamma_ij[uncertain].min(axis=0) if uncertain.any() else GAMMAS.copy()
-    return gamma, cost
+    gamma_ij[~uncertain] = 0.0
+    return gamma_ij, cost
+
+
+def _log_factors(ledger: Ledger) -> tuple[np.ndarray, np.ndarray]:
+    """(Gamma_j, offset_j): a lower bound on each bet's log-wealth is S * Gamma_j + offset_j, S the
+    disagreements among unaudited items of accepted batches.
+
+    Accepted batches: every unaudited disagreement earns at least Gamma_j (the smallest bet among
+    their items), every audited one costs c_ij. Pending batches: their unaudited items' unknown
+    disagreements can only add, so only their audits' costs count. Rejected batches count with
+    min(0, their log-wealth): that is below the true factor whatever made the batch rejected, so
+    the mixture stays below a test martingale (Ville's inequality still applies), and a batch the
+    audits refuted costs next to nothing once people have labeled it."""
+    gamma_ij, cost = _bets(ledger.audit_prob)
+    audited = np.asarray(ledger.audited, dtype=bool)
+    d = np.asarray(ledger.disagreed, dtype=np.float64)
+    known = ledger.knowns()
+    states = ledger.states()
+    accepted = states == ACCEPTED_BATCH
+    rejected = states == REJECTED_BATCH
+    slipping = accepted & ~audited & (np.asarray(ledger.audit_prob) < 1.0)
+    gamma = gamma_ij[slipping].min(axis=0) if slipping.any() else GAMMAS.copy()
+    paid = audited & ~rejected
+    offset = -(d[paid, None] * cost[paid]).sum(axis=0)
+    if rejected.any():
+        batches = ledger.batches()
+        gain = np.where((~audited & known)[:, None], d[:, None] * gamma_ij, 0.0) - np.where(
+            audited[:, None], d[:, None] * cost, 0.0
+        )
+        for b in np.unique(batches[rejected]).tolist():
+            rows = rejected & (batches == b)
+            offset = offset + np.minimum(gain[rows].sum(axis=0), 0.0)
+    return gamma, offset
 
 
 def disagreement_upper(ledger: Ledger, delta: float) -> float:
-    """Upper confidence bound on the disagreements among proposed items that were not audited
-    (valid at every moment of the run, with probability at least 1 - delta)."""
-    gamma, cost = _bets(ledger.audit_prob)
-    b = (np.asarray(ledger.disagreed)[ledger.audited, None] * cost[ledger.audited]).sum(axis=0)
-    return mixture_upper(gamma, b, float((~ledger.audited).sum()), delta)
+    """Upper confidence bound on the disagreements among unaudited items of accepted batches
+    (valid at every moment of the run at once, with probability at least 1 - delta)."""
+    gamma, offset = _log_factors(ledger)
+    states = ledger.states()
+    slipping = float(((states == ACCEPTED_BATCH) & ~np.asarray(ledger.audited, dtype=bool)).sum())
+    return mixture_upper(gamma, -offset, slipping, delta)
 
 
 def planned_upper(ledger: Ledger, audit_prob: np.ndarray, disagree_prob: np.ndarray, delta: float) -> float:
-    """The bound expected once items with these audit and disagreement probabilities join the ledger
-    and their audits are in (for sizing a proposal only: the certificate itself always comes from
-    the draws and labels that happened)."""
+    """The bound expected once a batch of items with these audit and disagreement probabilities is
+    proposed, its audits are in and it is accepted (for sizing a proposal only: the certificate
+    itself always comes from the draws and labels that happened)."""
     pi = np.asarray(audit_prob, dtype=np.float64)
     q = np.asarray(disagree_prob, dtype=np.float64)
-    gamma, cost = _bets(np.concatenate([ledger.audit_prob, pi]))
-    old = len(ledger.audit_prob)
-    b = (np.asarray(ledger.disagreed)[ledger.audited, None] * cost[:old][ledger.audited]).sum(axis=0)
-    b = b + ((pi * q)[:, None] * cost[old:]).sum(axis=0)
-    unaudited = float((~ledger.audited).sum() + (1.0 - pi).sum())
-    return mixture_upper(gamma, b, unaudited, delta)
+    # Expected values stand in for the new rows: every row "audited" with weight pi * q, and
+    # (1 - pi) of each row slipping through unaudited.
+    gamma_ij, cost = _bets(pi)
+    gamma, offset = _log_factors(ledger)
+    if len(pi):
+        gamma = np.minimum(gamma, gamma_ij[pi < 1.0].min(axis=0)) if (pi < 1.0).any() else gamma
+        offset = offset - ((pi * q)[:, None] * cost).sum(axis=0)
+    states = ledger.states()
+    slipping = float(((states == ACCEPTED_BATCH) & ~np.asarray(ledger.audited, dtype=bool)).sum())
+    return mixture_upper(gamma, -offset, slipping + float((1.0 - pi).sum()), delta)
 
 
 def mixture_upper(gamma: np.ndarray, b: np.ndarray, unaudited: float, delta: float) -> float:
@@ -170,18 +236,20 @@ class Assumptions:
     human_error: float = 0.0
     n_classes: int = 2
 
-    def deltas(self) -> tuple[float, float, float, float]:
-        """delta split between the confidence sequence, the errors people's agreement hides, the
-        human labels' own errors and the disagreements of handed-back items (all of it to the
-        sequence when people are taken as right)."""
+    def deltas(self) -> tuple[float, float, float]:
+        """delta split between the confidence sequence, the errors people's agreement hides and the
+        human labels' own errors (all of it to the sequence when people are taken as right)."""
         if self.human_error <= 0:
-            return self.delta, 0.0, 0.0, 0.0
-        return self.delta * 0.5, self.delta * 0.2, self.delta * 0.2, self.delta * 0.1
+            return self.delta, 0.0, 0.0
+        return self.delta * 0.5, self.delta * 0.25, self.delta * 0.25
 
     @property
     def agree_when_wrong(self) -> float:
-        """Chance that a person picks the model's wrong label too (errors spread over k-1 classes)."""
-        return self.human_error / max(self.n_classes - 1, 1)
+        """Chance that people hide a model error: the first person picks the model's wrong label
+        too, or disagrees and the second person picks it (each at rate h/(k-1), errors spread over
+        the k-1 other classes)."""
+        a = self.human_error / max(self.n_classes - 1, 1)
+        return 1.0 - (1.0 - a) ** 2
 
 
 @dataclass(frozen=True)
@@ -192,9 +260,6 @@ class Tally:
     auto: int  # accepted automatically (never audited)
     human: int  # labeled by people (audits included)
     model: int  # finalized with an unchecked model label (budget spent)
-    # Proposed, not audited, not accepted, and labeled by people since: a lower bound on their
-    # disagreements (known up to people's own errors), taken off the bound.
-    rejected_disagreements: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -228,16 +293,33 @@ def error_bounds(
 
     An audit that disagrees with the model goes to a second person, so a disagreement that stands
     is a model error but for people erring twice (which only adds to the bound). A model error
-    stays hidden when the first person picks the same wrong label, at rate h/(k-1) per error: the
-    bound adds an upper bound on those."""
-    _, d_hidden, d_human, _ = assumptions.deltas()
+    stays hidden when the first person picks the same wrong label, or the second one does
+    (Assumptions.agree_when_wrong per error): the bound adds an upper bound on those.
+
+    E errors show at least E - hidden disagreements, and hidden <= binomial_upper(E) but with
+    probability d_hidden, so E is at most the largest x with x <= disagreements + binomial_upper(x)
+    (x minus the right side is convex: the set is an interval from `disagreements` up)."""
+    _, d_hidden, d_human = assumptions.deltas()
     disagreements = min(max(disagreements, 0.0), auto)
     h = assumptions.human_error
     if h <= 0:
         return disagreements, 0.0
-    errors = disagreements
-    for _ in range(8):
-        errors = min(disagreements + binomial_upper(errors, assumptions.agree_when_wrong, d_hidden), auto)
+    rate = assumptions.agree_when_wrong
+
+    def fits(x: float) -> bool:
+        return x <= disagreements + binomial_upper(x, rate, d_hidden)
+
+    if fits(float(auto)):
+        errors = float(auto)
+    else:
+        lo, hi = disagreements, float(auto)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        errors = hi
     return errors, binomial_upper(round(human), h, d_human)
 
 
@@ -254,7 +336,7 @@ def lower_bound(
 
 def certify(ledger: Ledger, tally: Tally, assumptions: Assumptions) -> Certificate:
     """The certificate for the automatic labels in `tally` given the audits in `ledger`."""
-    upper = disagreement_upper(ledger, assumptions.deltas()[0]) - tally.rejected_disagreements
+    upper = disagreement_upper(ledger, assumptions.deltas()[0])
     auto_errors, human_errors = error_bounds(upper, tally.auto, tally.human, assumptions)
     return Certificate(
         guarantee=assumptions.guarantee,

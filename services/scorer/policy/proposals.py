@@ -12,16 +12,18 @@ refute is handed back to people, whose labels then reveal its disagreements exac
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.scorer.policy.certification import (
+    ACCEPTED_BATCH,
+    PENDING_BATCH,
+    REJECTED_BATCH,
     Assumptions,
     Certificate,
     Ledger,
     Tally,
-    binomial_upper,
     certify,
     error_bounds,
     lower_bound,
@@ -31,6 +33,12 @@ from services.scorer.policy.certification import (
 PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
 # Sizes tried when planning a proposal, as shares of the candidates (largest that fits wins).
 _PLAN_STEPS = 24
+# No proposal smaller than this (unless fewer candidates are left): a tiny batch spends the audits'
+# fixed cost on next to nothing.
+MIN_BATCH = 10
+# Human labels a batch waits for second opinions on its disagreeing audits before it is settled
+# with them counted as disagreements (a project with one annotator never gets any).
+ADJUDICATION_PATIENCE = 100
 
 
 def unit_draw(item_id: str, salt: str = "audit") -> float:
@@ -71,6 +79,7 @@ class Entry:
     # they side with the model); an item handed back to people with its one label.
     disagreed: bool | None = None
     adjudicating: bool = False
+    confidence: float = 0.0  # the model's probability of `label` when proposed
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,9 @@ class ProposalBook:
     entries: list[Entry] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
     batch_state: dict[int, str] = field(default_factory=dict)
+    # Human labels when a batch was proposed / handed back (after a restart: counted from then).
+    proposed_at: dict[int, int] = field(default_factory=dict)
+    rejected_at: dict[int, int] = field(default_factory=dict)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -96,14 +108,26 @@ class ProposalBook:
         return max(self.batch_state, default=0) + 1
 
     def add(self, entry: Entry, state: str = PENDING) -> None:
-        if entry.item_id in self.index:
+        """Record a proposal (an item handed back may be proposed again later: a new entry)."""
+        row = self.index.get(entry.item_id)
+        if row is not None and self.entries[row].batch == entry.batch:
             return
         self.index[entry.item_id] = len(self.entries)
         self.entries.append(entry)
         self.batch_state.setdefault(entry.batch, state)
 
-    def proposed(self, item_id: str) -> bool:
-        return item_id in self.index
+    def proposable(self, item_id: str, n_labels: int) -> bool:
+        """Never proposed, or handed back and the model has since learned from half again as many
+        labels (right after a hand-back the model still believes what its audits refuted)."""
+        row = self.index.get(item_id)
+        if row is None:
+            return True
+        batch = self.entries[row].batch
+        if self.batch_state[batch] != REJECTED:
+            return False
+        return n_labels >= 1.5 * self.rejected_at.get(batch, n_labels) and n_labels > self.rejected_at.get(
+            batch, n_labels
+        )
 
     def record_label(self, item_id: str, label: int) -> bool:
         """A human label arrived for an item. Returns True when it is an audit that disagrees with
@@ -131,30 +155,24 @@ class ProposalBook:
     def batch(self, batch: int) -> list[Entry]:
         return [e for e in self.entries if e.batch == batch]
 
+    def latest(self, item_id: str) -> Entry | None:
+        row = self.index.get(item_id)
+        return None if row is None else self.entries[row]
+
     def ledger(self) -> Ledger:
         if not self.entries:
             return Ledger.empty()
+        codes = {PENDING: PENDING_BATCH, ACCEPTED: ACCEPTED_BATCH, REJECTED: REJECTED_BATCH}
+        e = self.entries
         return Ledger(
-            np.array([e.audit_prob for e in self.entries], dtype=np.float64),
-            np.array([e.audited for e in self.entries], dtype=bool),
-            # A pending audit counts as a disagreement until its label arrives.
-            np.array([1.0 if e.disagreed is None else float(e.disagreed) for e in self.entries]),
+            np.array([x.audit_prob for x in e], dtype=np.float64),
+            np.array([x.audited for x in e], dtype=bool),
+            # A pending audit counts as a disagreement until it is settled.
+            np.array([1.0 if x.disagreed is None and x.audited else float(bool(x.disagreed)) for x in e]),
+            np.array([not x.audited and x.disagreed is not None for x in e], dtype=bool),
+            np.array([x.batch for x in e], dtype=np.int64),
+            np.array([codes[self.batch_state[x.batch]] for x in e], dtype=np.int8),
         )
-
-    def _rejected_disagreements(self) -> float:
-        """Disagreements known among proposed items that were not audited and not accepted (people
-        labeled them after their batch was handed back), less an upper bound on those that are
-        people's own errors: the CS counts adjudicated disagreements, these have one label only."""
-        labeled = [
-            bool(e.disagreed)
-            for e in self.entries
-            if not e.audited and e.disagreed is not None and self.batch_state[e.batch] != ACCEPTED
-        ]
-        if not labeled:
-            return 0.0
-        a = self.assumptions
-        own = binomial_upper(len(labeled), a.human_error, a.deltas()[3]) if a.human_error > 0 else 0.0
-        return max(sum(labeled) - own, 0.0)
 
     def audits(self) -> tuple[int, int]:
         """(audit labels in, of which disagreed)."""
@@ -164,12 +182,11 @@ class ProposalBook:
     # -- the certificate ------------------------------------------------------------------------
 
     def certificate(self, tally: Tally) -> Certificate:
-        tally = replace(tally, rejected_disagreements=self._rejected_disagreements())
         return certify(self.ledger(), tally, self.assumptions)
 
-    def settle(self, tally: Tally) -> tuple[list[int], list[int]]:
-        """Accept every pending batch (oldest first) the certificate allows; hand back to people
-        those whose audits are all in and still do not fit. Returns (accepted, rejected) batches.
+    def settle(self, tally: Tally, n_labels: int = 0) -> tuple[list[int], list[int]]:
+        """Settle every pending batch whose audits are all in, oldest first: accept it when the
+        certificate allows, else hand it back to people. Returns (accepted, rejected) batches.
 
         `tally.human` counts every item not decided yet as a future human label, so a batch is
         accepted only if the dataset would still meet the target when people label the rest."""
@@ -178,16 +195,50 @@ class ProposalBook:
         auto = tally.auto
         for batch in sorted(b for b, s in self.batch_state.items() if s == PENDING):
             entries = self.batch(batch)
+            if any(e.audited and e.disagreed is None and not e.adjudicating for e in entries):
+                # Never accepted blind: a batch waits for the first label of every audit.
+                continue
+            adjudicating = sum(1 for e in entries if e.adjudicating and e.disagreed is None)
+            waited = n_labels - self.proposed_at.get(batch, n_labels)
+            if adjudicating and waited < max(ADJUDICATION_PATIENCE, 4 * adjudicating):
+                # A second opinion may still side with the model: the batch is only settled now
+                # if it passes with those audits counted as disagreements.
+                trial = Tally(
+                    tally.items, auto + sum(1 for e in entries if not e.audited), tally.human, tally.model
+                )
+                self.batch_state[batch] = ACCEPTED
+                ok = self.certificate(trial).met and self._looks_right(entries)
+                self.batch_state[batch] = PENDING
+                if not ok:
+                    continue
             unaudited = sum(1 for e in entries if not e.audited)
             trial = Tally(tally.items, auto + unaudited, max(tally.human - unaudited, 0), tally.model)
-            if self.certificate(trial).met:
+            self.batch_state[batch] = ACCEPTED
+            met = self.certificate(trial).met and self._looks_right(entries)
+            self.batch_state[batch] = PENDING
+            if met:
                 self.batch_state[batch] = ACCEPTED
                 accepted.append(batch)
                 auto += unaudited
-            elif all(e.disagreed is not None for e in entries if e.audited):
+            else:
                 self.batch_state[batch] = REJECTED
+                self.rejected_at[batch] = n_labels
                 rejected.append(batch)
         return accepted, rejected
+
+    def _looks_right(self, entries: list[Entry]) -> bool:
+        """The batch's own audits, weighted by 1/pi, put its error rate within what the target
+        allows. Early on a dataset target leaves room for a few wrong labels whatever the audits
+        say (the certificate would hold even if all were wrong); that room is not to be spent on a
+        batch its audits refute. Refusing a batch never weakens the certificate (certification.py)."""
+        # An audit awaiting its second opinion counts as a disagreement, as in the certificate.
+        weighted = sum(
+            1.0 / e.audit_prob for e in entries if e.audited and (e.disagreed or e.disagreed is None)
+        )
+        return weighted <= (1.0 - self.assumptions.target) * len(entries)
+
+    def has_pending(self) -> bool:
+        return PENDING in self.batch_state.values()
 
     def pending_items(self) -> int:
         return sum(1 for e in self.entries if self.batch_state[e.batch] == PENDING and not e.audited)
@@ -208,7 +259,7 @@ class ProposalBook:
         the model's probabilities saturate).
         """
         conf = np.asarray(confidence, dtype=np.float64)
-        if conf.size == 0 or max_items <= 0:
+        if conf.size == 0 or max_items < min(MIN_BATCH, conf.size):
             return None
         order = np.argsort(-conf, kind="stable")[:max_items]
         q = np.clip(np.maximum(1.0 - conf[order], 0.5 * self.disagreement_rate()), 0.0, 1.0)
@@ -216,7 +267,8 @@ class ProposalBook:
         ledger = self.ledger()
         pending = self.pending_items()
         best: Plan | None = None
-        sizes = np.unique(np.geomspace(1, order.size, _PLAN_STEPS).astype(int))
+        smallest = min(MIN_BATCH, order.size)
+        sizes = np.unique(np.geomspace(smallest, order.size, _PLAN_STEPS).astype(int))
         for m in sizes[::-1]:
             unaudited = float((1.0 - pi[:m]).sum())
             auto = tally.auto + pending + unaudited
@@ -231,6 +283,6 @@ class ProposalBook:
         self, ledger: Ledger, pi: np.ndarray, q: np.ndarray, tally: Tally, auto: float, human: float
     ) -> float:
         a = self.assumptions
-        upper = planned_upper(ledger, pi, q, a.deltas()[0]) - self._rejected_disagreements()
+        upper = planned_upper(ledger, pi, q, a.deltas()[0])
         errors, human_errors = error_bounds(upper, auto, human, a)
         return lower_bound(a.guarantee, errors, human_errors, tally.items, auto, tally.model)

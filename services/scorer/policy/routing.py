@@ -15,6 +15,8 @@ import numpy as np
 # Priorities: ambiguity lies in [0, 1]; audits, second opinions and the control arm come first
 # because a proposal's acceptance waits on its audits.
 AUDIT_PRIORITY = 1.0
+# Items of a batch the audits refuted: right after audits (see proposals.ProposalBook.settle).
+HANDED_BACK_PRIORITY = 0.99
 
 
 def margin(probs: np.ndarray) -> np.ndarray:
