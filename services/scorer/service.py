@@ -291,7 +291,10 @@ class ProjectModel:
             row = int(candidates[rank])
             item_id = item_ids[row]
             # The draw is fixed by the item id and only now compared with pi, which was set first.
-            audited = unit_draw(item_id, "audit") < pi
+            # A handed-back item proposed again gets a fresh one: its first draw is known to have
+            # been at least the first pi, so reusing it would audit less often than pi says.
+            salt = "audit" if item_id not in self.book.index else f"audit:{out.batch}"
+            audited = unit_draw(item_id, salt) < pi
             entry = Entry(
                 item_id, out.batch, int(labels[row]), float(pi), audited, confidence=float(conf[row])
             )

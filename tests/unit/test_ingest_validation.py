@@ -79,7 +79,9 @@ def spec(**kw: object) -> ProjectSpec:
 
 def test_project_defaults_are_filled() -> None:
     p = validate_project(spec())
-    assert p.target_accuracy == 0.95 and p.audit_rate == 0.03 and p.name == "news"
+    # No audit rate: the scorer sizes the audits to the pool (proposals.audit_floor).
+    assert p.target_accuracy == 0.95 and p.audit_rate == 0.0 and p.name == "news"
+    assert validate_project(spec(audit_rate=0.2)).audit_rate == 0.2
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,19 @@
+"""services/scorer/service.py ProjectModel: the scorer's per-project model (labels in, refit,
+people's order, proposals, certificate out). The certificate's coverage and the end-to-end run are
+in test_certification.py."""
+
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
+import pytest
 
 from services.common.projects import LabelSpec, ProjectSpec
-from services.scorer.policy.centroids import DecisionKind, softmax
-from services.scorer.policy.model import LRPolicyConfig, features
+from services.scorer.policy.centroids import softmax
+from services.scorer.policy.certification import Guarantee
+from services.scorer.policy.features import features
+from services.scorer.policy.model import LRPolicyConfig
+from services.scorer.policy.proposals import ACCEPTED, REJECTED, Entry
+from services.scorer.policy.routing import margin
 from services.scorer.service import ProjectModel, unit_draw
 
 
@@ -32,186 +39,216 @@ def _ids(start: int, stop: int) -> list[str]:
     return [f"item-{i}" for i in range(start, stop)]
 
 
-def _drawn(start: int, stop: int) -> list[str]:
-    """Routing reasons of labels drawn at random (the synthetic items come in random order)."""
-    return ["sample"] * (stop - start)
+def _spec(**kw: object) -> ProjectSpec:
+    base: dict[str, object] = {
+        "project_id": "p",
+        "name": "p",
+        "labels": tuple(LabelSpec(c, c) for c in "abc"),
+        "instructions": "",
+        "target_accuracy": 0.9,
+        "audit_rate": 0.0,
+    }
+    base.update(kw)
+    return ProjectSpec(**base)  # type: ignore[arg-type]
 
 
-PROJECT = ProjectSpec("p", "p", tuple(LabelSpec(c, c) for c in "abc"), "", 0.9, 0.0)
-CONFIG = LRPolicyConfig(min_human_labels=20, min_support=10, z=1.0, annotator_error=0.0, confirmations=1)
+CONFIG = LRPolicyConfig(min_human_labels=20)
 
 
-def test_nothing_is_auto_accepted_before_enough_human_labels() -> None:
-    centers, X, y = _world()
-    model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:10], y[:10], _ids(0, 10), _drawn(0, 10))
-    model.refit()
-    assert model.threshold is None
-    assert all(d.kind is DecisionKind.REVIEW for d in model.decide(X[10:60], [str(i) for i in range(50)]))
-
-
-def test_threshold_appears_with_labels_and_auto_accepts_are_accurate() -> None:
-    centers, X, y = _world()
-    model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:120], y[:120], _ids(0, 120), _drawn(0, 120))
-    model.refit()
-    assert model.threshold is not None
-    # The estimate in force rests on at least min_support labeled items at or above the threshold.
-    assert CONFIG.min_support <= model.support <= 120 and 0.0 < model.estimated_accuracy <= 1.0
-    decisions = model.decide(X[120:], [str(i) for i in range(len(X) - 120)])
-    auto = [i for i, d in enumerate(decisions) if d.kind is DecisionKind.AUTO]
-    assert auto, "a separable world must allow some auto-accepts"
-    accuracy = np.mean([decisions[i].label == y[120 + i] for i in auto])
-    assert accuracy >= 0.9
-
-
-def test_only_drawn_labels_count_as_random() -> None:
+def test_nothing_is_proposed_before_enough_human_labels() -> None:
     centers, X, y = _world(noise=0.2)
-    model = ProjectModel(PROJECT, centers, CONFIG)
-    n_warm = CONFIG.min_human_labels
-    # The warm-up is random until the queue is ranked by ambiguity; later "warmup" items were re-ranked.
-    reasons = ["warmup"] * (n_warm + 10) + ["uncertain"] * 50 + ["sample", "audit", "control"] * 10
-    model.add_labels(X[: len(reasons)], y[: len(reasons)], _ids(0, len(reasons)), reasons)
-    expected = [r in ("sample", "audit", "control") for r in reasons]
-    expected[:n_warm] = [True] * n_warm
-    assert model.random.tolist() == expected
-    # A model rebuilt from PostgreSQL gets them all at once, a live one in small batches: same flags.
-    live = ProjectModel(PROJECT, centers, CONFIG)
-    for start in range(0, len(reasons), 7):
-        stop = min(start + 7, len(reasons))
-        live.add_labels(X[start:stop], y[start:stop], _ids(start, stop), reasons[start:stop])
-    assert live.random.tolist() == expected
+    model = ProjectModel(_spec(), centers, CONFIG)
+    model.seen = 300
+    waiting, ids = X[100:], _ids(100, 300)
+    for stop in (0, 10, 19):
+        model.add_labels(X[len(model.y) : stop], y[len(model.y) : stop], _ids(len(model.y), stop))
+        model.refit()
+        out = model.rescore(waiting, ids)
+        assert not out.proposed and not out.accept and not out.reprioritize and not model.book.entries
+    model.add_labels(X[19:100], y[19:100], _ids(19, 100))
     model.refit()
-    assert model.threshold is not None
-    assert 0 < model.random_support <= model.support and 0.0 < model.random_accuracy <= 1.0
+    out = model.rescore(waiting, ids)
+    # A separable world: the first proposal comes as soon as the warm-up is over.
+    assert out.proposed and out.batch == 1 and model.book.has_pending()
+    assert len(out.reprioritize) == len(ids)  # ranked by ambiguity now (priorities were unknown)
 
 
-def test_no_threshold_without_random_labels_above_it() -> None:
+def test_proposals_are_the_most_confident_items_audited_by_their_own_draw() -> None:
     centers, X, y = _world(noise=0.2)
-    model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:150], y[:150], _ids(0, 150), ["uncertain"] * 150)
+    model = ProjectModel(_spec(), centers, CONFIG)
+    model.seen = 300
+    model.add_labels(X[:100], y[:100], _ids(0, 100))
     model.refit()
-    assert model.threshold is None
-    model.add_labels(X[150:200], y[150:200], _ids(150, 200), _drawn(150, 200))
+    waiting, ids = X[100:], _ids(100, 300)
+    out = model.rescore(waiting, ids)
+    probs = model.predict_proba(waiting)
+    row = {item_id: i for i, item_id in enumerate(ids)}
+    proposed = {e.item_id for e in out.proposed}
+    conf = probs.max(axis=1)
+    least_proposed = min(conf[row[i]] for i in proposed)
+    assert all(conf[row[i]] <= least_proposed + 1e-6 for i in ids if i not in proposed)
+    for e in out.proposed:
+        assert e.label == probs[row[e.item_id]].argmax() and e.confidence == pytest.approx(
+            conf[row[e.item_id]]
+        )
+        assert e.audited == (unit_draw(e.item_id, "audit") < e.audit_prob)
+        assert 0.0 < e.audit_prob <= 1.0
+    # Nothing is accepted before its batch's audits are in, and nothing new is proposed meanwhile.
+    assert not out.accept and any(e.audited for e in out.proposed)
+    again = model.rescore(waiting, ids)
+    assert not again.proposed and not again.accept
+    # People answer the audits (and agree): the unaudited rest of the batch is accepted.
+    audits = [e for e in out.proposed if e.audited]
+    assert (
+        model.add_labels(
+            np.array([waiting[row[e.item_id]] for e in audits]),
+            np.array([e.label for e in audits]),
+            [e.item_id for e in audits],
+        )
+        == []
+    )
     model.refit()
-    assert model.threshold is not None
+    left = [i for i in ids if i not in {e.item_id for e in audits}]
+    settled = model.rescore(np.array([waiting[row[i]] for i in left]), left)
+    assert {a[0] for a in settled.accept} == {e.item_id for e in out.proposed if not e.audited}
+    assert all(a[1] == next(e.label for e in out.proposed if e.item_id == a[0]) for a in settled.accept)
+    assert model.auto == len(settled.accept) and model.book.batch_state[1] == ACCEPTED
+    assert model.certificate().met
 
 
-def test_rescore_accepts_waiting_items_once_the_model_is_sure() -> None:
-    centers, X, y = _world(noise=0.2)
-    model = ProjectModel(PROJECT, centers, CONFIG)
-    waiting, ids = X[200:260], _ids(200, 260)
-    before = model.rescore(waiting, ids)
-    assert not before.accept and not before.reprioritize  # no threshold yet: leave them alone
-    model.add_labels(X[:150], y[:150], _ids(0, 150), _drawn(0, 150))
-    model.refit()
-    after = model.rescore(waiting, ids)
-    assert len(after.accept) + len(after.reprioritize) + len(after.audit) == len(waiting)
-    assert len(after.accept) > len(waiting) // 2
-    assert all(0.0 <= p <= 1.0 for _, p in after.reprioritize)
+def test_a_disagreeing_audit_goes_to_a_second_person() -> None:
+    centers, X, _ = _world()
+    model = ProjectModel(_spec(), centers, CONFIG)
+    model.restore_proposal(Entry("item-0", 1, 2, 0.5, True), "pending")
+    model.restore_proposal(Entry("item-1", 1, 1, 0.5, True), "pending")
+    model.restore_proposal(Entry("item-2", 1, 0, 0.5, False), "pending")
+    # item-0 disagrees (the model said 2), item-1 agrees, item-2 was not audited.
+    asked = model.add_labels(X[:4], np.array([0, 1, 1, 0]), _ids(0, 4))
+    assert asked == [("item-0", 2)]
+    entry = model.book.latest("item-0")
+    assert entry is not None and entry.disagreed is None and entry.adjudicating
+    model.record_second_opinion("item-0", 2)  # sides with the model: no disagreement after all
+    assert entry.disagreed is False
+    assert model.book.audits() == (2, 0)
+    unaudited = model.book.latest("item-2")
+    assert unaudited is not None and unaudited.disagreed is True
 
 
-def test_a_threshold_is_only_acted_on_once_consecutive_refits_confirm_it() -> None:
-    centers, X, y = _world(noise=0.2)
-    model = ProjectModel(PROJECT, centers, replace(CONFIG, confirmations=2))
-    model.add_labels(X[:120], y[:120], _ids(0, 120), _drawn(0, 120))
-    model.refit()
-    assert model.threshold is None  # one estimate is not enough
-    ids = [str(i) for i in range(120, 300)]
-    assert not any(d.kind is DecisionKind.AUTO for d in model.decide(X[120:], ids))
-    assert not model.rescore(X[120:], ids).accept
-    model.add_labels(X[120:130], y[120:130], _ids(120, 130), _drawn(120, 130))
-    model.refit()
-    assert model.threshold is not None
-    assert any(d.kind is DecisionKind.AUTO for d in model.decide(X[130:], ids[10:]))
+def test_restored_proposals_keep_their_state() -> None:
+    centers, _, _ = _world()
+    model = ProjectModel(_spec(), centers, CONFIG)
+    model.restore_proposal(Entry("a", 1, 0, 0.2, False), "accepted")
+    model.restore_proposal(Entry("b", 2, 0, 0.2, False), "rejected")
+    model.restore_proposal(Entry("c", 3, 0, 0.2, True), "whatever")
+    assert model.book.batch_state == {1: ACCEPTED, 2: REJECTED, 3: "pending"}
+    assert model.book.rejected_at[2] == 0
 
 
 def test_review_order_is_random_during_warm_up_then_by_ambiguity() -> None:
     centers, X, y = _world()
-    # No threshold can open (support never reached): every item goes to people.
-    model = ProjectModel(PROJECT, centers, replace(CONFIG, min_support=10_000, audit_rate=0.0))
+    model = ProjectModel(_spec(), centers, CONFIG)
     ids = _ids(100, 300)
-    warm = model.decide(X[100:], ids)
-    assert [d.priority for d in warm] == [unit_draw(i, "sample") for i in ids]
-    model.add_labels(X[:20], y[:20], _ids(0, 20), _drawn(0, 20))
+    labels, conf, warm = model.decide(X[100:], ids)
+    assert warm.tolist() == [unit_draw(i, "order") for i in ids]
+    assert labels.tolist() == model.predict_proba(X[100:]).argmax(axis=1).tolist()
+    assert np.allclose(conf, model.predict_proba(X[100:]).max(axis=1))
+    model.add_labels(X[:20], y[:20], _ids(0, 20))
     model.refit()
-    decisions = model.decide(X[100:], ids)
-    top2 = np.sort(model.predict_proba(X[100:]), axis=1)[:, -2:]
-    ambiguity = 1.0 - (top2[:, 1] - top2[:, 0])
-    assert all(d.kind is DecisionKind.REVIEW for d in decisions)
-    assert np.allclose([d.priority for d in decisions], ambiguity, atol=1e-6)
+    assert model.ranks_by_ambiguity
+    _, _, later = model.decide(X[100:], ids)
+    assert np.allclose(later, 1.0 - margin(model.predict_proba(X[100:])), atol=1e-6)
 
 
 def test_project_settings_override_the_defaults() -> None:
-    centers, _, _ = _world()
-    custom = ProjectSpec("p", "p", PROJECT.labels, "", 0.99, 0.1)
-    model = ProjectModel(custom, centers, CONFIG)
-    assert model.config.target_accuracy == 0.99 and model.config.audit_rate == 0.1
-
-
-def test_unit_draw_is_stable_and_uniform() -> None:
-    assert unit_draw("item-1") == unit_draw("item-1")
-    draws = np.array([unit_draw(str(i)) for i in range(4000)])
-    assert draws.min() >= 0.0 and draws.max() < 1.0
-    assert abs(draws.mean() - 0.5) < 0.02
-
-
-def test_failed_audits_send_every_auto_acceptable_item_to_people() -> None:
-    centers, X, y = _world(noise=0.2)
-    model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:150], y[:150], _ids(0, 150), _drawn(0, 150))
-    model.refit()
-    ids = [str(i) for i in range(150, 300)]
-    assert any(d.kind is DecisionKind.AUTO for d in model.decide(X[150:], ids))
-
-    model.add_audit_results([True] * 12 + [False] * 13)  # people disagree with half the audited labels
-    model.refit()
-    assert model.audit_alarm
-    decisions = model.decide(X[150:], ids)
-    assert not any(d.kind is DecisionKind.AUTO for d in decisions)
-    assert any(d.kind is DecisionKind.AUDIT for d in decisions)
-    assert not model.rescore(X[150:], ids).accept
-
-    model.add_audit_results([True] * 50)  # fresh audits agree again
-    model.refit()
-    assert not model.audit_alarm
-
-
-def test_a_few_audit_misses_do_not_raise_the_alarm() -> None:
     centers, X, y = _world()
-    model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:150], y[:150], _ids(0, 150), _drawn(0, 150))
-    model.add_audit_results([True] * 45 + [False] * 2)
+    custom = _spec(
+        target_accuracy=0.99,
+        audit_rate=0.4,
+        guarantee="automatic",
+        delta=0.01,
+        human_error=0.02,
+        human_budget_items=70,
+        human_budget_share=0.5,
+    )
+    model = ProjectModel(custom, centers, LRPolicyConfig(target_accuracy=0.8, min_human_labels=20))
+    assert model.config.target_accuracy == 0.99 and model.config.min_human_labels == 20
+    a = model.assumptions
+    assert (a.guarantee, a.target, a.delta, a.human_error, a.n_classes) == (
+        Guarantee.AUTOMATIC,
+        0.99,
+        0.01,
+        0.02,
+        3,
+    )
+    assert model.book.assumptions == a
+    assert (model.budget.count, model.budget.share) == (70, 0.5)
+    # Unset settings fall back to the defaults.
+    plain = ProjectModel(_spec(target_accuracy=0.0), centers, LRPolicyConfig(target_accuracy=0.8))
+    assert plain.config.target_accuracy == 0.8 and plain.assumptions.target == 0.8
+    assert plain.assumptions.guarantee is Guarantee.DATASET and plain.assumptions.delta == 0.05
+    # The project's audit rate is the proposals' audit floor.
+    model = ProjectModel(_spec(audit_rate=0.4, target_accuracy=0.8), centers, CONFIG)
+    model.seen = 300
+    model.add_labels(X[:100], y[:100], _ids(0, 100))
     model.refit()
-    assert not model.audit_alarm
+    out = model.rescore(X[100:], _ids(100, 300))
+    assert out.proposed and min(e.audit_prob for e in out.proposed) == pytest.approx(0.4)
 
 
 def test_human_budget_by_count_and_share() -> None:
-    def with_budget(items: int, share: float) -> ProjectSpec:
-        return ProjectSpec("p", "p", PROJECT.labels, "", 0.9, 0.0, items, share)
-
-    assert with_budget(0, 0.0).human_budget(1000) is None
-    assert with_budget(50, 0.0).human_budget(1000) == 50
-    assert with_budget(0, 0.1).human_budget(1001) == 101
-    assert with_budget(50, 0.1).human_budget(300) == 30  # the tighter limit wins
-
     centers, X, y = _world()
-    model = ProjectModel(with_budget(20, 0.0), centers, CONFIG)
+    model = ProjectModel(_spec(human_budget_items=20), centers, CONFIG)
     model.seen = 200
-    model.add_labels(X[:19], y[:19], _ids(0, 19), _drawn(0, 19))
+    model.add_labels(X[:19], y[:19], _ids(0, 19))
     assert not model.budget_spent()
-    model.add_labels(X[19:20], y[19:20], _ids(19, 20), _drawn(19, 20))
+    model.add_labels(X[19:20], y[19:20], _ids(19, 20))
     assert model.budget_spent()
     labels = model.finalize(X[100:110])
     assert len(labels) == 10 and all(0 <= lbl < 3 and 0.0 < conf <= 1.0 for lbl, conf in labels)
+    assert model.finalize(X[:0]) == []
+    # A share rounds down: 10% of 199 items is 19 labels, of 200 (counting one more arriving) 20.
+    shared = ProjectModel(_spec(human_budget_share=0.1), centers, CONFIG)
+    shared.seen = 199
+    shared.add_labels(X[:19], y[:19], _ids(0, 19))
+    assert shared.budget_spent() and not shared.budget_spent(extra_seen=1)
+    assert not ProjectModel(_spec(), centers, CONFIG).budget_spent()
+
+
+def test_tally_counts_undecided_items_as_future_human_labels() -> None:
+    centers, X, y = _world()
+    model = ProjectModel(_spec(), centers, CONFIG)
+    model.seen, model.auto, model.model_labeled = 100, 30, 5
+    model.add_labels(X[:20], y[:20], _ids(0, 20))
+    t = model.tally()
+    assert (t.items, t.auto, t.human, t.model) == (100, 30, 20 + 45, 5)
+    assert model.tally(undecided_as_human=False).human == 20
+    # No proposal yet: the bound on wrong automatic labels is zero.
+    assert model.certificate().auto_errors_upper == 0.0
+
+
+def test_labels_grow_past_their_first_capacity_in_arrival_order() -> None:
+    centers, X, y = _world()
+    model = ProjectModel(_spec(), centers, CONFIG)
+    for start in range(0, 150, 7):
+        stop = min(start + 7, 150)
+        model.add_labels(X[start:stop], y[start:stop], _ids(start, stop))
+    assert model.n_labels == 150 and model.item_ids == _ids(0, 150)
+    np.testing.assert_allclose(model.X, X[:150].astype(np.float32))
+    assert model.y.tolist() == y[:150].tolist() and model.pending_labels == 150
+    assert model.add_labels(X[:0], y[:0], []) == []
+    model.refit()
+    assert model.pending_labels == 0 and model.version == "lr-r1-n150"
+    model.refit()  # nothing new: no refit
+    assert model.refits == 1
 
 
 def test_control_arm_samples_its_share_at_random() -> None:
     centers, _, _ = _world()
-    model = ProjectModel(ProjectSpec("p", "p", PROJECT.labels, "", 0.9, 0.0, 0, 0.0, 0.1), centers, CONFIG)
-    share = np.mean([model.is_control(f"item-{i}") for i in range(5000)])
-    assert 0.08 < share < 0.12
-    assert not ProjectModel(PROJECT, centers, CONFIG).is_control("item-1")
+    model = ProjectModel(_spec(control_rate=0.1), centers, CONFIG)
+    controls = [model.is_control(f"item-{i}") for i in range(5000)]
+    assert 0.08 < np.mean(controls) < 0.12
+    assert controls == [unit_draw(f"item-{i}", "control") < 0.1 for i in range(5000)]
+    assert not any(ProjectModel(_spec(), centers, CONFIG).is_control(f"item-{i}") for i in range(100))
 
 
 def test_confident_contradictions_of_human_labels_are_sent_for_a_second_opinion() -> None:
@@ -220,8 +257,11 @@ def test_confident_contradictions_of_human_labels_are_sent_for_a_second_opinion(
     planted = [5, 17, 42, 88]
     for row in planted:
         wrong[row] = (wrong[row] + 1) % 3
-    model = ProjectModel(PROJECT, centers, CONFIG)
-    model.add_labels(X[:120], wrong, _ids(0, 120), _drawn(0, 120))
+    model = ProjectModel(_spec(), centers, CONFIG)
+    model.add_labels(X[:29], wrong[:29], _ids(0, 29))
+    model.refit()
+    assert model.label_issues(limit=10) == []  # too few labels to trust the model
+    model.add_labels(X[29:120], wrong[29:], _ids(29, 120))
     model.refit()
     issues = model.label_issues(limit=10)
     flagged = {item_id for item_id, _ in issues}
@@ -229,36 +269,30 @@ def test_confident_contradictions_of_human_labels_are_sent_for_a_second_opinion(
     assert len(flagged) <= 6  # clean labels are left alone
     suggested = dict(issues)
     assert all(suggested[f"item-{r}"] == y[r] for r in planted)
+    assert len(model.label_issues(limit=2)) == 2 and model.label_issues(limit=0) == []
     model.second_opinion_asked.update(flagged)
     assert model.label_issues(limit=10) == []  # each label is re-checked once
 
     model.relabel("item-5", int(y[5]))
     assert model.y[5] == y[5] and model.pending_labels == 1
+    model.relabel("unknown", 0)
+    assert model.pending_labels == 1
 
 
-def test_rescore_holds_back_the_audit_share_of_what_it_would_accept() -> None:
+def test_a_re_proposed_item_gets_a_fresh_audit_draw() -> None:
+    """A handed-back item was not audited the first time: its draw was at least that pi. Reusing the
+    draw would make a re-proposal's audit less likely than the pi the certificate is told."""
     centers, X, y = _world(noise=0.2)
-    model = ProjectModel(PROJECT, centers, replace(CONFIG, audit_rate=0.2, min_support=30))
-    waiting, ids = X[150:], _ids(150, 300)
-    model.add_labels(X[:20], y[:20], _ids(0, 20), _drawn(0, 20))
+    model = ProjectModel(_spec(audit_rate=0.3), centers, CONFIG)
+    model.seen = 300
+    ids = _ids(100, 300)
+    first = [Entry(i, 1, 0, 0.3, unit_draw(i, "audit") < 0.3) for i in ids]
+    for e in first:
+        model.restore_proposal(e, "rejected")
+    handed_back = [k for k, e in enumerate(first) if not e.audited]
+    model.add_labels(X[:100], y[:100], _ids(0, 100))
     model.refit()
-    # Reviews ranked by ambiguity but no threshold yet: a random sample of every item is drawn.
-    assert model.ranks_by_ambiguity and model.threshold is None
-    early = model.rescore(waiting, ids)
-    drawn = {ids[row] for row, *_ in early.audit}
-    assert drawn == {i for i in ids if unit_draw(i, "sample") < 0.2}
-    assert all(reason == "sample" for *_, reason in early.audit)
-
-    model.add_labels(X[20:150], y[20:150], _ids(20, 150), _drawn(20, 150))
-    model.refit()
-    assert model.threshold is not None
-    later = model.rescore(waiting, ids)
-    accepted = {ids[row] for row, _, _ in later.accept}
-    audited = {ids[row] for row, *_ in later.audit}
-    assert accepted and audited and not accepted & audited
-    # Audits are auto-acceptable items the draw picked, labeled as the model would accept them.
-    assert all(unit_draw(i) < 0.2 for i in audited) and all(unit_draw(i) >= 0.2 for i in accepted)
-    probs = model.predict_proba(waiting)
-    for row, label, conf, priority, reason in later.audit:
-        assert reason == "audit" and priority == model.config.audit_priority
-        assert label == probs[row].argmax() and conf >= model.threshold
+    out = model.rescore(X[100:][handed_back], [ids[k] for k in handed_back])
+    again = [e for e in out.proposed if e.item_id in {ids[k] for k in handed_back}]
+    assert len(again) >= 30 and all(e.audit_prob == pytest.approx(0.3) for e in again)
+    assert 0.1 < np.mean([e.audited for e in again]) < 0.5

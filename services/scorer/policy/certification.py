@@ -2,9 +2,10 @@
 
 Pure numpy, no I/O. The policy proposes items for automatic acceptance in batches. Each proposed
 item i is sent to people as an *audit* with a probability pi_i fixed before its draw (higher where an
-error is likelier, never zero); the others are accepted once the certificate allows it. d_i = 1 when
+error is likelier, never zero); the others are accepted with their batch once the certificate
+allows it, or handed back to people. d_i = 1 when
 the model's proposed label disagrees with the (actual or would-be) human label. The quantity to bound
-is S = sum of d_i over proposed items that were not audited: the disagreements that would slip into
+is S = sum of d_i over the unaudited items of accepted batches: the disagreements that slipped into
 the dataset unseen.
 
 The bound is a confidence sequence (valid at every moment of the run at once, Ville's inequality),
@@ -31,7 +32,8 @@ People err too, at an assumed rate h (wrong labels spread over the other k-1 cla
 label that disagrees with the model goes to a second person; the disagreement stands unless the
 second person sides with the model, so d_i is a model error but for people erring twice. Errors
 hidden by a first or second person who picks the same wrong label (rate 1 - (1 - h/(k-1))^2) are
-added back as an upper binomial bound, and human labels in the dataset count as wrong at rate h (an upper Chernoff bound).
+added back as an upper binomial bound, and human labels in the dataset count as wrong at rate h
+(an upper Chernoff bound).
 h = 0 takes every human label as right; the certificate states the assumption it rests on.
 
 The dataset guarantee (Candès, Ilyas & Zrnic 2025, probably approximately correct labels) is on
@@ -130,7 +132,9 @@ def _bets(audit_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return gamma_ij, cost
 
 
-def _log_factors(ledger: Ledger) -> tuple[np.ndarray, np.ndarray]:
+def _log_factors(
+    ledger: Ledger, human_error: float = 0.0, delta_own: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(Gamma_j, offset_j): a lower bound on each bet's log-wealth is S * Gamma_j + offset_j, S the
     disagreements among unaudited items of accepted batches.
 
@@ -139,7 +143,10 @@ def _log_factors(ledger: Ledger) -> tuple[np.ndarray, np.ndarray]:
     disagreements can only add, so only their audits' costs count. Rejected batches count with
     min(0, their log-wealth): that is below the true factor whatever made the batch rejected, so
     the mixture stays below a test martingale (Ville's inequality still applies), and a batch the
-    audits refuted costs next to nothing once people have labeled it."""
+    audits refuted costs next to nothing once people have labeled it. Its items' disagreements
+    rest on one person's label each: with people erring at `human_error`, an upper bound on the
+    share of them that are people's own mistakes (probability 1 - delta_own over all handed-back
+    batches) is not credited."""
     gamma_ij, cost = _bets(ledger.audit_prob)
     audited = np.asarray(ledger.audited, dtype=bool)
     d = np.asarray(ledger.disagreed, dtype=np.float64)
@@ -153,25 +160,42 @@ def _log_factors(ledger: Ledger) -> tuple[np.ndarray, np.ndarray]:
     offset = -(d[paid, None] * cost[paid]).sum(axis=0)
     if rejected.any():
         batches = ledger.batches()
-        gain = np.where((~audited & known)[:, None], d[:, None] * gamma_ij, 0.0) - np.where(
-            audited[:, None], d[:, None] * cost, 0.0
-        )
-        for b in np.unique(batches[rejected]).tolist():
+        handed_back = np.unique(batches[rejected]).tolist()
+        for b in handed_back:
             rows = rejected & (batches == b)
-            offset = offset + np.minimum(gain[rows].sum(axis=0), 0.0)
+            labeled = rows & ~audited & known
+            paid_b = (d[rows & audited, None] * cost[rows & audited]).sum(axis=0)
+            earned = np.zeros_like(paid_b)
+            if labeled.any() and human_error > 0:
+                own = binomial_upper(int(labeled.sum()), human_error, delta_own / len(handed_back))
+                found = max(float(d[labeled].sum()) - own, 0.0)
+                earned = found * gamma_ij[labeled].min(axis=0)
+            elif labeled.any():
+                earned = (d[labeled, None] * gamma_ij[labeled]).sum(axis=0)
+            offset = offset + np.minimum(earned - paid_b, 0.0)
     return gamma, offset
 
 
-def disagreement_upper(ledger: Ledger, delta: float) -> float:
+def disagreement_upper(
+    ledger: Ledger, delta: float, human_error: float = 0.0, delta_own: float = 0.0
+) -> float:
     """Upper confidence bound on the disagreements among unaudited items of accepted batches
-    (valid at every moment of the run at once, with probability at least 1 - delta)."""
-    gamma, offset = _log_factors(ledger)
+    (valid at every moment of the run at once, with probability at least 1 - delta, plus delta_own
+    for people's own errors among handed-back items when human_error > 0)."""
+    gamma, offset = _log_factors(ledger, human_error, delta_own)
     states = ledger.states()
     slipping = float(((states == ACCEPTED_BATCH) & ~np.asarray(ledger.audited, dtype=bool)).sum())
     return mixture_upper(gamma, -offset, slipping, delta)
 
 
-def planned_upper(ledger: Ledger, audit_prob: np.ndarray, disagree_prob: np.ndarray, delta: float) -> float:
+def planned_upper(
+    ledger: Ledger,
+    audit_prob: np.ndarray,
+    disagree_prob: np.ndarray,
+    delta: float,
+    human_error: float = 0.0,
+    delta_own: float = 0.0,
+) -> float:
     """The bound expected once a batch of items with these audit and disagreement probabilities is
     proposed, its audits are in and it is accepted (for sizing a proposal only: the certificate
     itself always comes from the draws and labels that happened)."""
@@ -180,7 +204,7 @@ def planned_upper(ledger: Ledger, audit_prob: np.ndarray, disagree_prob: np.ndar
     # Expected values stand in for the new rows: every row "audited" with weight pi * q, and
     # (1 - pi) of each row slipping through unaudited.
     gamma_ij, cost = _bets(pi)
-    gamma, offset = _log_factors(ledger)
+    gamma, offset = _log_factors(ledger, human_error, delta_own)
     if len(pi):
         gamma = np.minimum(gamma, gamma_ij[pi < 1.0].min(axis=0)) if (pi < 1.0).any() else gamma
         offset = offset - ((pi * q)[:, None] * cost).sum(axis=0)
@@ -236,12 +260,13 @@ class Assumptions:
     human_error: float = 0.0
     n_classes: int = 2
 
-    def deltas(self) -> tuple[float, float, float]:
-        """delta split between the confidence sequence, the errors people's agreement hides and the
-        human labels' own errors (all of it to the sequence when people are taken as right)."""
+    def deltas(self) -> tuple[float, float, float, float]:
+        """delta split between the confidence sequence, the errors people's agreement hides, the
+        human labels' own errors and people's errors among handed-back items (all of it to the
+        sequence when people are taken as right)."""
         if self.human_error <= 0:
-            return self.delta, 0.0, 0.0
-        return self.delta * 0.5, self.delta * 0.25, self.delta * 0.25
+            return self.delta, 0.0, 0.0, 0.0
+        return self.delta * 0.5, self.delta * 0.2, self.delta * 0.2, self.delta * 0.1
 
     @property
     def agree_when_wrong(self) -> float:
@@ -299,7 +324,7 @@ def error_bounds(
     E errors show at least E - hidden disagreements, and hidden <= binomial_upper(E) but with
     probability d_hidden, so E is at most the largest x with x <= disagreements + binomial_upper(x)
     (x minus the right side is convex: the set is an interval from `disagreements` up)."""
-    _, d_hidden, d_human = assumptions.deltas()
+    _, d_hidden, d_human, _ = assumptions.deltas()
     disagreements = min(max(disagreements, 0.0), auto)
     h = assumptions.human_error
     if h <= 0:
@@ -334,9 +359,20 @@ def lower_bound(
     return max(0.0, 1.0 - (auto_errors + human_errors + model) / items)
 
 
-def certify(ledger: Ledger, tally: Tally, assumptions: Assumptions) -> Certificate:
-    """The certificate for the automatic labels in `tally` given the audits in `ledger`."""
-    upper = disagreement_upper(ledger, assumptions.deltas()[0])
+def sequence_upper(ledger: Ledger, assumptions: Assumptions) -> float:
+    """The confidence sequence's bound on disagreements among the accepted automatic labels."""
+    d_cs, _, _, d_own = assumptions.deltas()
+    return disagreement_upper(ledger, d_cs, assumptions.human_error, d_own)
+
+
+def certify(
+    ledger: Ledger, tally: Tally, assumptions: Assumptions, upper: float | None = None
+) -> Certificate:
+    """The certificate for the automatic labels in `tally` given the audits in `ledger`; `upper`
+    replaces the sequence's bound (e.g. the smallest one seen while the accepted set stayed the same,
+    valid since every bound of the sequence holds at once)."""
+    if upper is None:
+        upper = sequence_upper(ledger, assumptions)
     auto_errors, human_errors = error_bounds(upper, tally.auto, tally.human, assumptions)
     return Certificate(
         guarantee=assumptions.guarantee,

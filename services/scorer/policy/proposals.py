@@ -28,6 +28,7 @@ from services.scorer.policy.certification import (
     error_bounds,
     lower_bound,
     planned_upper,
+    sequence_upper,
 )
 
 PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
@@ -97,6 +98,8 @@ class ProposalBook:
     entries: list[Entry] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
     batch_state: dict[int, str] = field(default_factory=dict)
+    # (accepted batches, smallest sequence bound seen while they were the accepted ones)
+    _best: tuple[int, float] | None = None
     # Human labels when a batch was proposed / handed back (after a restart: counted from then).
     proposed_at: dict[int, int] = field(default_factory=dict)
     rejected_at: dict[int, int] = field(default_factory=dict)
@@ -182,6 +185,19 @@ class ProposalBook:
     # -- the certificate ------------------------------------------------------------------------
 
     def certificate(self, tally: Tally) -> Certificate:
+        """The certificate now. Every bound of the sequence holds at once, so while the accepted set
+        stays the same the smallest bound seen so far stands (a pending batch or one handed back
+        raises the current bound, never the number of wrong labels already accepted)."""
+        ledger = self.ledger()
+        accepted = sum(1 for state in self.batch_state.values() if state == ACCEPTED)
+        upper = sequence_upper(ledger, self.assumptions)
+        if self._best is not None and self._best[0] == accepted:
+            upper = min(upper, self._best[1])
+        self._best = (accepted, upper)
+        return certify(ledger, tally, self.assumptions, upper)
+
+    def _trial_certificate(self, tally: Tally) -> Certificate:
+        """The certificate if the batches marked accepted now were (no memory of earlier bounds)."""
         return certify(self.ledger(), tally, self.assumptions)
 
     def settle(self, tally: Tally, n_labels: int = 0) -> tuple[list[int], list[int]]:
@@ -207,14 +223,14 @@ class ProposalBook:
                     tally.items, auto + sum(1 for e in entries if not e.audited), tally.human, tally.model
                 )
                 self.batch_state[batch] = ACCEPTED
-                ok = self.certificate(trial).met and self._looks_right(entries)
+                ok = self._trial_certificate(trial).met and self._looks_right(entries)
                 self.batch_state[batch] = PENDING
                 if not ok:
                     continue
             unaudited = sum(1 for e in entries if not e.audited)
             trial = Tally(tally.items, auto + unaudited, max(tally.human - unaudited, 0), tally.model)
             self.batch_state[batch] = ACCEPTED
-            met = self.certificate(trial).met and self._looks_right(entries)
+            met = self._trial_certificate(trial).met and self._looks_right(entries)
             self.batch_state[batch] = PENDING
             if met:
                 self.batch_state[batch] = ACCEPTED
@@ -283,6 +299,7 @@ class ProposalBook:
         self, ledger: Ledger, pi: np.ndarray, q: np.ndarray, tally: Tally, auto: float, human: float
     ) -> float:
         a = self.assumptions
-        upper = planned_upper(ledger, pi, q, a.deltas()[0])
+        d_cs, _, _, d_own = a.deltas()
+        upper = planned_upper(ledger, pi, q, d_cs, a.human_error, d_own)
         errors, human_errors = error_bounds(upper, auto, human, a)
         return lower_bound(a.guarantee, errors, human_errors, tally.items, auto, tally.model)
