@@ -388,6 +388,7 @@ class Scorer:
                 conn, project_id, model.refits, cert.lower_bound, model.estimated_accuracy()
             )
             await repo.save_proposals(conn, project_id, result.batch, proposed)
+            await repo.split_proposals(conn, project_id, result.splits)
             await repo.set_proposal_state(conn, project_id, result.rejected_batches, REJECTED)
             await repo.set_proposal_state(conn, project_id, accepted_batches, ACCEPTED)
             accepted_ids = await repo.accept_waiting(conn, result.accept, model.version)

@@ -326,6 +326,22 @@ async def save_proposals(
         )
 
 
+async def split_proposals(
+    conn: asyncpg.Connection, project_id: str, splits: Sequence[tuple[int, int, list[str]]]
+) -> None:
+    """Move the handed-back part of accepted batches to batches of their own:
+    (new batch, old batch, item ids)."""
+    for new, old, item_ids in splits:
+        await conn.execute(
+            "UPDATE scorer.proposals SET batch = $2 WHERE project_id = $1 AND batch = $3"
+            " AND item_id = ANY($4::uuid[])",
+            project_id,
+            new,
+            old,
+            item_ids,
+        )
+
+
 async def set_proposal_state(
     conn: asyncpg.Connection, project_id: str, batches: Sequence[int], state: str
 ) -> None:

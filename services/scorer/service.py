@@ -48,6 +48,8 @@ class Rescored:
     # Items to accept now (from this or earlier proposals): (item id, label, confidence).
     accept: list[tuple[str, int, float]] = field(default_factory=list)
     rejected_batches: list[int] = field(default_factory=list)
+    # Rejected batches split off an accepted one: (new batch, the batch, its item ids).
+    splits: list[tuple[int, int, list[str]]] = field(default_factory=list)
     # Items of those batches still waiting: people get them next (their batch's audits refuted
     # the model there, and until they are labeled the refuted batch weighs on the certificate).
     handed_back: list[str] = field(default_factory=list)
@@ -281,7 +283,9 @@ class ProjectModel:
         if candidates.size == 0 or self.book.has_pending():
             return
         room = max(MIN_PROPOSAL, int(PROPOSAL_GROWTH * self.auto))
-        floor = audit_floor(self.project.audit_rate, self.assumptions.target, self.seen)
+        floor = audit_floor(
+            self.project.audit_rate, self.assumptions.target, self.seen, self.assumptions.human_error
+        )
         plan = self.book.plan(conf[candidates], self.tally(), floor, room)
         if plan is None:
             return
@@ -312,6 +316,9 @@ class ProjectModel:
         self.auto += len(out.accept)
         out.rejected_batches.extend(rejected)
         for batch in rejected:
+            if batch in self.book.split_from:
+                ids = [e.item_id for e in self.book.batch(batch)]
+                out.splits.append((batch, self.book.split_from[batch], ids))
             out.handed_back += [
                 e.item_id for e in self.book.batch(batch) if not e.audited and e.disagreed is None
             ]

@@ -578,10 +578,10 @@ def test_a_batch_waits_for_its_audits_and_is_handed_back_when_they_refute_it() -
     _answer_audits(book, audits[-1:])
     assert book.settle(tally, n_labels=51) == ([1], []) and not book.has_pending()
 
-    # Three disagreements at pi = 0.1 stand for 30 errors in 400 (7.5%, the target allows 5%):
-    # refuted, though the certificate would hold.
+    # Eight disagreements in about 40 audits: even the lower bound of their rate is above the 5%
+    # the target allows: refuted, though the certificate would hold.
     book, audits = batch()
-    _answer_audits(book, audits, disagree=3)
+    _answer_audits(book, audits, disagree=8)
     trial = Tally(items=10_000, auto=400 - len(audits), human=10_000, model=0)
     assert book.certificate(trial).met
     assert book.settle(tally, n_labels=50) == ([], [1]) and book.rejected_at[1] == 50
@@ -591,21 +591,21 @@ def test_a_batch_waits_for_its_audits_and_is_handed_back_when_they_refute_it() -
     assert book.record_label(audits[0].item_id, 1)
     _answer_audits(book, audits[1:])
     assert book.settle(tally, n_labels=50) == ([1], [])
-    # ...three awaiting theirs do not: the batch waits for the second people,
+    # ...eight awaiting theirs do not: the batch waits for the second people,
     book, audits = batch()
-    for e in audits[:3]:
+    for e in audits[:8]:
         assert book.record_label(e.item_id, 1)
-    _answer_audits(book, audits[3:])
+    _answer_audits(book, audits[8:])
     assert book.settle(tally, n_labels=50) == ([], []) and book.batch_state[1] == PENDING
     # is accepted when they side with the model,
-    for e in audits[:3]:
+    for e in audits[:8]:
         book.record_second_opinion(e.item_id, 0)
     assert book.settle(tally, n_labels=60) == ([1], [])
     # and handed back when they do not come before patience runs out.
     book, audits = batch()
-    for e in audits[:3]:
+    for e in audits[:8]:
         book.record_label(e.item_id, 1)
-    _answer_audits(book, audits[3:])
+    _answer_audits(book, audits[8:])
     assert book.settle(tally, n_labels=10_000) == ([], [1])
 
 
@@ -734,11 +734,13 @@ def test_plan_sizes_grow_with_confidence_and_vanish_when_nothing_fits() -> None:
     tally = Tally(items=10_000, auto=0, human=10_000, model=0)
     dataset = ProposalBook(Assumptions(Guarantee.DATASET, 0.97))
     sizes = []
-    for c in (0.8, 0.9, 0.97, 0.99):
+    for c in (0.971, 0.98, 0.99, 0.998):
         plan = dataset.plan(np.full(5000, c), tally, floor=0.05, max_items=5000)
         assert plan is not None
         sizes.append(len(plan.rows))
-    assert all(b >= a for a, b in itertools.pairwise(sizes)) and sizes[-1] > 2 * sizes[0], sizes
+    assert all(b >= a for a, b in itertools.pairwise(sizes)) and sizes[-1] > 1.5 * sizes[0], sizes
+    # Items the model itself thinks likelier wrong than the target allows per item are not proposed.
+    assert dataset.plan(np.full(5000, 0.9), tally, floor=0.05, max_items=5000) is None
     automatic = ProposalBook(Assumptions(Guarantee.AUTOMATIC, 0.9))
     assert automatic.plan(np.full(5000, 0.8), tally, floor=0.05, max_items=5000) is None
     assert automatic.plan(np.full(5000, 0.99), tally, floor=0.05, max_items=5000) is not None

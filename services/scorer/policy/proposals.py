@@ -32,6 +32,13 @@ from services.scorer.policy.certification import (
 )
 
 PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
+# Audit floor: this many audits per wrong label the target leaves room for (see audit_floor).
+AUDITS_PER_ROOM = 20.0
+# A batch gets at least this many audits in expectation: one with none would be accepted on the
+# strength of the other batches' audits alone.
+MIN_BATCH_AUDITS = 10.0
+# Sizes tried when accepting part of a batch.
+_SPLIT_STEPS = 12
 # Sizes tried when planning a proposal, as shares of the candidates (largest that fits wins).
 _PLAN_STEPS = 24
 # No proposal smaller than this (unless fewer candidates are left): a tiny batch spends the audits'
@@ -49,18 +56,19 @@ def unit_draw(item_id: str, salt: str = "audit") -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def audit_floor(configured: float, target: float, expected_items: int) -> float:
+def audit_floor(configured: float, target: float, expected_items: int, human_error: float = 0.0) -> float:
     """The smallest audit probability: the project's audit rate when set, else sized to the pool.
 
     No bound can rule out errors that were never audited: with audit probability pi the smallest
     certifiable count of unseen errors is about log(1/delta) / pi whatever the audits show. So pi is
-    sized to the errors the target leaves room for (about 12 / ((1 - target) n)): a fixed number of
-    audits, a shrinking share of a growing pool.
+    sized to the wrong labels the target leaves room for beside people's own (about
+    AUDITS_PER_ROOM / ((1 - target - human_error) n)): a fixed number of audits, a shrinking share
+    of a growing pool.
     """
     if configured > 0:
         return float(min(configured, 1.0))
-    room = max((1.0 - target) * max(expected_items, 1), 1.0)
-    return float(np.clip(12.0 / room, 0.01, 0.3))
+    room = max((1.0 - target - human_error) * max(expected_items, 1), 1.0)
+    return float(np.clip(AUDITS_PER_ROOM / room, 0.01, 0.3))
 
 
 def audit_probability(disagree_prob: np.ndarray, floor: float) -> np.ndarray:
@@ -98,6 +106,8 @@ class ProposalBook:
     entries: list[Entry] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
     batch_state: dict[int, str] = field(default_factory=dict)
+    # Batches handed back as the tail of another: their number → the batch they were part of.
+    split_from: dict[int, int] = field(default_factory=dict)
     # (accepted batches, smallest sequence bound seen while they were the accepted ones)
     _best: tuple[int, float] | None = None
     # Human labels when a batch was proposed / handed back (after a restart: counted from then).
@@ -201,9 +211,12 @@ class ProposalBook:
         return certify(self.ledger(), tally, self.assumptions)
 
     def settle(self, tally: Tally, n_labels: int = 0) -> tuple[list[int], list[int]]:
-        """Settle every pending batch whose audits are all in, oldest first: accept it when the
-        certificate allows, else hand it back to people. Returns (accepted, rejected) batches.
+        """Settle every pending batch whose audits are all in, oldest first: accept the largest
+        most-confident part of it the certificate allows and hand the rest back to people (as a
+        batch of its own, numbered next). Returns (accepted, rejected) batches.
 
+        Accepting part of a batch keeps the certificate valid: the part handed back enters it as
+        min(0, its log-wealth), below the factor it replaces, whatever decided the split.
         `tally.human` counts every item not decided yet as a future human label, so a batch is
         accepted only if the dataset would still meet the target when people label the rest."""
         accepted: list[int] = []
@@ -216,42 +229,74 @@ class ProposalBook:
                 continue
             adjudicating = sum(1 for e in entries if e.adjudicating and e.disagreed is None)
             waited = n_labels - self.proposed_at.get(batch, n_labels)
-            if adjudicating and waited < max(ADJUDICATION_PATIENCE, 4 * adjudicating):
-                # A second opinion may still side with the model: the batch is only settled now
-                # if it passes with those audits counted as disagreements.
-                trial = Tally(
-                    tally.items, auto + sum(1 for e in entries if not e.audited), tally.human, tally.model
-                )
-                self.batch_state[batch] = ACCEPTED
-                ok = self._trial_certificate(trial).met and self._looks_right(entries)
-                self.batch_state[batch] = PENDING
-                if not ok:
-                    continue
-            unaudited = sum(1 for e in entries if not e.audited)
-            trial = Tally(tally.items, auto + unaudited, max(tally.human - unaudited, 0), tally.model)
-            self.batch_state[batch] = ACCEPTED
-            met = self._trial_certificate(trial).met and self._looks_right(entries)
-            self.batch_state[batch] = PENDING
-            if met:
+            patient = adjudicating and waited < max(ADJUDICATION_PATIENCE, 4 * adjudicating)
+            head = self._acceptable_head(batch, entries, tally, auto)
+            if patient and len(head) < len(entries):
+                # A second opinion may still side with the model: settle only once it is in,
+                # unless the whole batch passes with those audits counted as disagreements.
+                continue
+            if head:
+                tail = entries[len(head) :]
                 self.batch_state[batch] = ACCEPTED
                 accepted.append(batch)
-                auto += unaudited
+                auto += sum(1 for e in head if not e.audited)
+                if tail:
+                    rejected.append(self._split_off(batch, tail, n_labels))
             else:
                 self.batch_state[batch] = REJECTED
                 self.rejected_at[batch] = n_labels
                 rejected.append(batch)
         return accepted, rejected
 
+    def _acceptable_head(self, batch: int, entries: list[Entry], tally: Tally, auto: int) -> list[Entry]:
+        """The largest most-confident part of a batch (the whole of it, or at least MIN_BATCH
+        items) whose acceptance the certificate allows and whose own audits agree; [] if none."""
+        ranked = sorted(entries, key=lambda e: -e.confidence)
+        sizes = np.unique(np.geomspace(min(MIN_BATCH, len(ranked)), len(ranked), _SPLIT_STEPS).astype(int))
+        spare = self.next_batch
+        for m in sizes[::-1].tolist():
+            head, tail = ranked[:m], ranked[m:]
+            unaudited = sum(1 for e in head if not e.audited)
+            trial = Tally(tally.items, auto + unaudited, max(tally.human - unaudited, 0), tally.model)
+            for e in tail:
+                e.batch = spare
+            self.batch_state[batch] = ACCEPTED
+            self.batch_state[spare] = REJECTED
+            ok = self._looks_right(head) and self._trial_certificate(trial).met
+            for e in tail:
+                e.batch = batch
+            self.batch_state[batch] = PENDING
+            del self.batch_state[spare]
+            if ok:
+                # Keep the batch's entries in confidence order from here on (see _split_off).
+                entries[:] = ranked
+                return head
+        return []
+
+    def _split_off(self, batch: int, tail: list[Entry], n_labels: int) -> int:
+        """Hand back the tail of a batch as a rejected batch of its own; returns its number."""
+        spare = self.next_batch
+        for e in tail:
+            e.batch = spare
+        self.batch_state[spare] = REJECTED
+        self.rejected_at[spare] = n_labels
+        self.proposed_at[spare] = n_labels
+        self.split_from[spare] = batch
+        return spare
+
     def _looks_right(self, entries: list[Entry]) -> bool:
-        """The batch's own audits, weighted by 1/pi, put its error rate within what the target
-        allows. Early on a dataset target leaves room for a few wrong labels whatever the audits
-        say (the certificate would hold even if all were wrong); that room is not to be spent on a
-        batch its audits refute. Refusing a batch never weakens the certificate (certification.py)."""
-        # An audit awaiting its second opinion counts as a disagreement, as in the certificate.
-        weighted = sum(
-            1.0 / e.audit_prob for e in entries if e.audited and (e.disagreed or e.disagreed is None)
-        )
-        return weighted <= (1.0 - self.assumptions.target) * len(entries)
+        """The batch's own audits put its error rate within what the target allows per item: at
+        most 1 - target disagreements among them, plus people's own error rate (audits pending a
+        second opinion count as disagreements). Early on a dataset target leaves room for wrong
+        labels whatever the audits say (the certificate would hold even if all were wrong); that
+        room is not to be spent on a batch its audits refute, nor on a model that will label the
+        same items better later. Refusing a batch never weakens the certificate
+        (certification.py); audits lean to likelier errors, so this errs to refusing."""
+        audits = [e for e in entries if e.audited]
+        if not audits:
+            return True
+        disagreed = sum(1 for e in audits if e.disagreed or e.disagreed is None)
+        return disagreed <= (1.0 - self.assumptions.target + self.assumptions.human_error) * len(audits)
 
     def has_pending(self) -> bool:
         return PENDING in self.batch_state.values()
@@ -266,32 +311,49 @@ class ProposalBook:
         n, d = self.audits()
         return (d + 0.5) / (n + 50.0)
 
-    def plan(self, confidence: np.ndarray, tally: Tally, floor: float, max_items: int) -> Plan | None:
+    def plan(
+        self,
+        confidence: np.ndarray,
+        tally: Tally,
+        floor: float,
+        max_items: int,
+        disagreement: np.ndarray | None = None,
+    ) -> Plan | None:
         """The largest prefix of the candidates (most confident first) whose acceptance the
         certificate is expected to allow once its audits are in; None when not even a small one.
 
-        confidence: the model's probability of its own label per candidate. The expected
-        disagreement of an item is that error (floored by half the audited disagreement rate, since
-        the model's probabilities saturate).
+        confidence: the model's probability of its own label per candidate. disagreement: an
+        estimate of each candidate's chance to disagree with people (e.g. from out-of-fold
+        predictions); without one, one minus the confidence. Either is floored by half the audited
+        disagreement rate (the model's probabilities saturate), and only candidates whose estimate
+        stays within what the target allows per item (1 - target, plus people's own error rate)
+        are proposed: the room a dataset target leaves early is not spent on what a better model
+        would label right later.
         """
         conf = np.asarray(confidence, dtype=np.float64)
         if conf.size == 0 or max_items < min(MIN_BATCH, conf.size):
             return None
         order = np.argsort(-conf, kind="stable")[:max_items]
-        q = np.clip(np.maximum(1.0 - conf[order], 0.5 * self.disagreement_rate()), 0.0, 1.0)
-        pi = audit_probability(q, floor)
+        raw = 1.0 - conf if disagreement is None else np.asarray(disagreement, dtype=np.float64)
+        q = np.clip(np.maximum(raw[order], 0.5 * self.disagreement_rate()), 0.0, 1.0)
+        a = self.assumptions
+        order = order[np.maximum.accumulate(q) <= 1.0 - a.target + a.human_error]
+        q = q[: order.size]
+        if order.size < min(MIN_BATCH, conf.size):
+            return None
         ledger = self.ledger()
         pending = self.pending_items()
         best: Plan | None = None
         smallest = min(MIN_BATCH, order.size)
         sizes = np.unique(np.geomspace(smallest, order.size, _PLAN_STEPS).astype(int))
         for m in sizes[::-1]:
-            unaudited = float((1.0 - pi[:m]).sum())
+            pi = audit_probability(q[:m], max(floor, min(MIN_BATCH_AUDITS / m, 1.0)))
+            unaudited = float((1.0 - pi).sum())
             auto = tally.auto + pending + unaudited
             human = max(tally.human - pending - unaudited, 0.0)
-            bound = self._planned_lower(ledger, pi[:m], q[:m], tally, auto, human)
+            bound = self._planned_lower(ledger, pi, q[:m], tally, auto, human)
             if bound >= self.assumptions.target:
-                best = Plan(order[:m], pi[:m], bound)
+                best = Plan(order[:m], pi, bound)
                 break
         return best
 
