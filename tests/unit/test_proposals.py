@@ -36,12 +36,12 @@ def test_unit_draw_is_stable_and_uniform() -> None:
 def test_audit_floor_is_the_projects_rate_or_sized_to_the_pool() -> None:
     assert audit_floor(0.1, 0.95, 1000) == 0.1
     assert audit_floor(2.0, 0.95, 1000) == 1.0
-    # AUDITS_PER_ROOM audits per wrong label the target leaves room for: 15 / (0.05 * 2000).
-    assert audit_floor(0.0, 0.95, 2000) == pytest.approx(AUDITS_PER_ROOM / 100)
-    # People's own errors take part of that room: 15 / ((0.05 - 0.02) * 2000).
-    assert audit_floor(0.0, 0.95, 2000, human_error=0.02) == pytest.approx(AUDITS_PER_ROOM / 60)
+    # AUDITS_PER_ROOM audits per wrong label the target leaves room for: 20 / (0.05 * 8000).
+    assert audit_floor(0.0, 0.95, 8000) == pytest.approx(AUDITS_PER_ROOM / 400)
+    # People's own errors take part of that room: 20 / ((0.05 - 0.02) * 8000).
+    assert audit_floor(0.0, 0.95, 8000, human_error=0.02) == pytest.approx(AUDITS_PER_ROOM / 240)
     # A pool 10x larger needs the same number of audits: a tenth of the share.
-    assert audit_floor(0.0, 0.95, 20_000) == pytest.approx(audit_floor(0.0, 0.95, 2000) / 10)
+    assert audit_floor(0.0, 0.95, 80_000) == pytest.approx(audit_floor(0.0, 0.95, 8000) / 10)
     assert audit_floor(0.0, 0.95, 10) == 0.3  # never above 0.3...
     assert audit_floor(0.0, 0.99, 10**7) == 0.01  # ...nor below 0.01
     assert audit_floor(0.0, 0.95, 0) == 0.3
