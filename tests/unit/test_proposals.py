@@ -41,7 +41,7 @@ def test_audit_floor_is_the_projects_rate_or_sized_to_the_pool() -> None:
     # People's own errors take part of that room: 20 / ((0.05 - 0.02) * 8000).
     assert audit_floor(0.0, 0.95, 8000, human_error=0.02) == pytest.approx(AUDITS_PER_ROOM / 240)
     # A pool 10x larger needs the same number of audits: a tenth of the share.
-    assert audit_floor(0.0, 0.95, 80_000) == pytest.approx(audit_floor(0.0, 0.95, 8000) / 10)
+    assert audit_floor(0.0, 0.95, 40_000) == pytest.approx(audit_floor(0.0, 0.95, 4000) / 10)
     assert audit_floor(0.0, 0.95, 10) == 0.3  # never above 0.3...
     assert audit_floor(0.0, 0.99, 10**7) == 0.01  # ...nor below 0.01
     assert audit_floor(0.0, 0.95, 0) == 0.3
