@@ -110,6 +110,8 @@ class ProposalBook:
     split_from: dict[int, int] = field(default_factory=dict)
     # (accepted batches, smallest sequence bound seen while they were the accepted ones)
     _best: tuple[int, float] | None = None
+    _trial_upper: float = 0.0  # the sequence bound of the last trial certificate
+    _head_upper: float = 0.0  # ... of the last part of a batch tried for acceptance
     # Human labels when a batch was proposed / handed back (after a restart: counted from then).
     proposed_at: dict[int, int] = field(default_factory=dict)
     rejected_at: dict[int, int] = field(default_factory=dict)
@@ -208,7 +210,10 @@ class ProposalBook:
 
     def _trial_certificate(self, tally: Tally) -> Certificate:
         """The certificate if the batches marked accepted now were (no memory of earlier bounds)."""
-        return certify(self.ledger(), tally, self.assumptions)
+        ledger = self.ledger()
+        upper = sequence_upper(ledger, self.assumptions)
+        self._trial_upper = upper
+        return certify(ledger, tally, self.assumptions, upper)
 
     def settle(self, tally: Tally, n_labels: int = 0) -> tuple[list[int], list[int]]:
         """Settle every pending batch whose audits are all in, oldest first: accept the largest
@@ -242,6 +247,10 @@ class ProposalBook:
                 auto += sum(1 for e in head if not e.audited)
                 if tail:
                     rejected.append(self._split_off(batch, tail, n_labels))
+                # The bound the acceptance rested on starts the memory of the new accepted set (a
+                # batch proposed next raises the bound while its audits are pending).
+                accepted_batches = sum(1 for state in self.batch_state.values() if state == ACCEPTED)
+                self._best = (accepted_batches, self._head_upper)
             else:
                 self.batch_state[batch] = REJECTED
                 self.rejected_at[batch] = n_labels
@@ -263,6 +272,7 @@ class ProposalBook:
             self.batch_state[batch] = ACCEPTED
             self.batch_state[spare] = REJECTED
             ok = self._looks_right(head) and self._trial_certificate(trial).met
+            self._head_upper = self._trial_upper
             for e in tail:
                 e.batch = batch
             self.batch_state[batch] = PENDING
