@@ -265,6 +265,10 @@ class ProjectModel:
             if priorities is None or abs(prio - float(priorities[row])) > 0.01:
                 out.reprioritize.append((row, prio))
         self._propose(out, item_ids, routing.label, routing.confidence, fresh)
+        # A proposed item's priority is its audit's (or it waits for its batch): a re-rank of it
+        # in the same message would race the audit's in review.
+        proposed = {e.item_id for e in out.proposed}
+        out.reprioritize = [(row, p) for row, p in out.reprioritize if item_ids[row] not in proposed]
         self._settle(out)
         return out
 
