@@ -12,8 +12,10 @@ under /tmp/tandem_al. Simulated annotators err at rate e (a wrong label uniform 
 classes). People's queue is served audits first (proposed items drawn for an audit, priority
 routing.AUDIT_PRIORITY and above every ambiguity), then by the priority ProjectModel gave each item;
 proposed items that were not audited wait for their batch's certificate and leave people's queue,
-and come back to it if their batch is handed back (then ahead of everything but audits, routing.HANDED_BACK_PRIORITY). Optionally the scorer's confident-learning
-second opinions run after each refit (``label_issues``; the scorer asks 5 per refit).
+and come back to it if their batch is handed back (then ahead of everything but audits,
+routing.HANDED_BACK_PRIORITY). Optionally the scorer's confident-learning second opinions run after
+each refit (``--second-opinions``, ProjectModel.label_issues; the scorer asks 5 per refit, the
+harness none unless told: each costs out-of-fold refits).
 
 Refits: the scorer refits about every 10 labels (``--refit-every 10``). Simulations may instead let
 the batch between refits grow with the labels so far (``--refit-growth 0.2``: refit after
@@ -34,9 +36,13 @@ Usage:
 
 ``--validity`` checks the dataset guarantee over many seeds: the four datasets, targets 0.95 and
 0.98, and four conditions (normal; an overconfident labeler; weak features; streaming arrivals),
-each seed a random subsample of the dataset with its own annotator noise and audit draws. The
-figure to watch is the share of runs whose final dataset accuracy (against gold) reaches the target,
-and, among certified runs, the share that does not (at most delta if the certificate is valid).
+each seed a random subsample of the dataset (``--pool-size``, 1,500 items) with its own condition
+draws, annotator noise and audit draws (item ids carry the seed). Defaults: refit growth 0.2, stream
+arrival ratio 3 items per human label, no confident-learning second opinions, one BLAS thread per
+process. The figures: the share of runs whose final dataset accuracy (against gold) reaches the
+target, the share certified at the end, and the share certified yet below the target (at most
+about delta if the certificate is valid). Runs where the model cannot reach the target still count
+(people label the rest): with people erring at 2%, a 0.98 target is then a coin flip.
 """
 
 from __future__ import annotations

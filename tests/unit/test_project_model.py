@@ -70,7 +70,11 @@ def test_nothing_is_proposed_before_enough_human_labels() -> None:
     out = model.rescore(waiting, ids)
     # A separable world: the first proposal comes as soon as the warm-up is over.
     assert out.proposed and out.batch == 1 and model.book.has_pending()
-    assert len(out.reprioritize) == len(ids)  # ranked by ambiguity now (priorities were unknown)
+    # Ranked by ambiguity now (priorities were unknown), but for the items just proposed: their
+    # priority is their audit's, or they wait for their batch.
+    proposed = {e.item_id for e in out.proposed}
+    assert len(out.reprioritize) == len(ids) - len(proposed)
+    assert not proposed & {ids[row] for row, _ in out.reprioritize}
 
 
 def test_proposals_are_the_most_confident_items_audited_by_their_own_draw() -> None:
