@@ -189,8 +189,9 @@ class ProjectModel:
         """Counts the certificate rests on. Items nobody decided yet count as future human labels
         (they are, unless the budget runs out: then they count as unchecked model labels)."""
         undecided = max(self.seen - self.auto - self.n_labels - self.model_labeled, 0)
-        human = self.n_labels + (undecided if undecided_as_human else 0)
-        return Tally(self.seen, self.auto, human, self.model_labeled)
+        if undecided_as_human:
+            return Tally(self.seen, self.auto, self.n_labels + undecided, self.model_labeled)
+        return Tally(self.seen, self.auto, self.n_labels, self.model_labeled + undecided)
 
     def certificate(self) -> Certificate:
         return self.book.certificate(self.tally())
@@ -273,9 +274,10 @@ class ProjectModel:
         return out
 
     def settle(self) -> Rescored:
-        """Accept what the certificate allows without proposing more (the budget is spent)."""
+        """Accept what the certificate allows without proposing more (the budget is spent: what
+        nobody decided will get unchecked model labels, and counts as such)."""
         out = Rescored()
-        self._settle(out)
+        self._settle(out, self.tally(undecided_as_human=False))
         return out
 
     def _propose(
@@ -309,8 +311,8 @@ class ProjectModel:
             self.book.add(entry)
             out.proposed.append(entry)
 
-    def _settle(self, out: Rescored) -> None:
-        accepted, rejected = self.book.settle(self.tally(), self.n_labels)
+    def _settle(self, out: Rescored, tally: Tally | None = None) -> None:
+        accepted, rejected = self.book.settle(tally or self.tally(), self.n_labels)
         for batch in accepted:
             for e in self.book.batch(batch):
                 if not e.audited and e.disagreed is None:

@@ -359,6 +359,8 @@ class ProposalBook:
         for m in sizes[::-1]:
             pi = audit_probability(q[:m], max(floor, min(MIN_BATCH_AUDITS / m, 1.0)))
             unaudited = float((1.0 - pi).sum())
+            if unaudited <= 0.0:
+                continue  # every item audited: nothing could be accepted, only people diverted
             auto = tally.auto + pending + unaudited
             human = max(tally.human - pending - unaudited, 0.0)
             bound = self._planned_lower(ledger, pi, q[:m], tally, auto, human)
