@@ -24,7 +24,7 @@ from services.scorer.policy.proposals import (
     audit_floor,
     unit_draw,
 )
-from services.scorer.policy.routing import AUDIT_PRIORITY, HANDED_BACK_PRIORITY, confidence_of, route
+from services.scorer.policy.routing import HANDED_BACK_PRIORITY, confidence_of, route
 
 # Confident learning needs a model worth trusting: enough labels, and a clear contradiction.
 LABEL_AUDIT_MIN_LABELS = 30
@@ -336,7 +336,3 @@ class ProjectModel:
         self.book.proposed_at.setdefault(entry.batch, self.n_labels)
         if state == REJECTED:
             self.book.rejected_at.setdefault(entry.batch, self.n_labels)
-
-    @staticmethod
-    def audit_priority() -> float:
-        return AUDIT_PRIORITY

@@ -87,19 +87,6 @@ class Ledger:
     def empty() -> Ledger:
         return Ledger(np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0))
 
-    def extended(self, audit_prob: np.ndarray, audited: np.ndarray, disagreed: np.ndarray) -> Ledger:
-        """These rows added as one accepted batch."""
-        n_new = len(np.asarray(audit_prob))
-        new_batch = int(self.batches().max(initial=0)) + 1
-        return Ledger(
-            np.concatenate([self.audit_prob, np.asarray(audit_prob, dtype=np.float64)]),
-            np.concatenate([self.audited, np.asarray(audited, dtype=bool)]),
-            np.concatenate([self.disagreed, np.asarray(disagreed, dtype=np.float64)]),
-            np.concatenate([self.knowns(), np.zeros(n_new, dtype=bool)]),
-            np.concatenate([self.batches(), np.full(n_new, new_batch, dtype=np.int64)]),
-            np.concatenate([self.states(), np.full(n_new, ACCEPTED_BATCH, dtype=np.int8)]),
-        )
-
     def knowns(self) -> np.ndarray:
         return np.zeros(len(self.audit_prob), dtype=bool) if self.known is None else self.known
 
@@ -109,11 +96,6 @@ class Ledger:
     def states(self) -> np.ndarray:
         n = len(self.audit_prob)
         return np.full(n, ACCEPTED_BATCH, dtype=np.int8) if self.state is None else self.state
-
-    def with_state(self, batch: int, state: int) -> Ledger:
-        states = self.states().copy()
-        states[self.batches() == batch] = state
-        return Ledger(self.audit_prob, self.audited, self.disagreed, self.known, self.batch, states)
 
 
 def _bets(audit_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
