@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-from services.cli import commands
+from services.cli import access, commands
+from services.cli.access import resolve_token, write_token
 from services.cli.bench_labeling import BenchOptions, run_bench
 from services.cli.client import Clients
 from services.cli.commands import console
@@ -26,16 +27,18 @@ from services.cli.targets import resolve_targets, write_targets
 from services.cli.workforce import WorkforceConfig
 
 DEFAULT_STATE = Path(".state")
+SERVICE_FLAGS = ("ingest", "inference", "review", "export", "scorer", "identity")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description="LLMs and people labeling data in tandem.")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="where `up` keeps servers and logs")
-    for name in ("ingest", "inference", "review", "export", "scorer"):
+    for name in SERVICE_FLAGS:
         p.add_argument(f"--{name}", metavar="HOST:PORT", help=f"{name} service address")
+    p.add_argument("--token", help="API token (default: $TANDEM_TOKEN, else the one `tandem login` saved)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run nats-server, PostgreSQL and the five services until Ctrl-C")
+    up = sub.add_parser("up", help="run nats-server, PostgreSQL, the services and the web app until Ctrl-C")
     up.add_argument("--nats-url", help="use this NATS server instead of starting one")
     up.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
 
@@ -113,22 +116,76 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export final labels as JSONL")
     ex.add_argument("--project", required=True)
     ex.add_argument("-o", "--output", type=Path)
+
+    lg = sub.add_parser("login", help="log in with a password; saves an API token for this machine")
+    lg.add_argument("user")
+    lg.add_argument("--ttl-days", type=float, default=30)
+    sub.add_parser("logout", help="revoke the saved token and forget it")
+    sub.add_parser("whoami", help="who the token speaks for")
+
+    user = sub.add_parser("user", help="users and roles (admin)")
+    usub = user.add_subparsers(dest="user_command", required=True)
+    ua = usub.add_parser("add", help="create a user (a password is generated unless --password is given)")
+    ua.add_argument("user")
+    ua.add_argument("--role", required=True, choices=("admin", "manager", "reviewer", "annotator", "viewer"))
+    ua.add_argument("--project", action="append", default=[], help="make them a member (repeatable)")
+    ua.add_argument("--password")
+    ul = usub.add_parser("list", help="list users")
+    ul.add_argument("--project", default="")
+    for verb in ("disable", "enable"):
+        usub.add_parser(verb, help=f"{verb} a user").add_argument("user")
+
+    mem = sub.add_parser("member", help="project memberships (admin, or a manager of the project)")
+    msub = mem.add_subparsers(dest="member_command", required=True)
+    for verb in ("add", "remove"):
+        m = msub.add_parser(verb)
+        m.add_argument("user")
+        m.add_argument("--project", required=True)
+
+    tok = sub.add_parser("token", help="API tokens")
+    tsub = tok.add_subparsers(dest="token_command", required=True)
+    tc = tsub.add_parser("create", help="a new token (shown once)")
+    tc.add_argument("--user", default="", help="for another user (admin)")
+    tc.add_argument("--name", default="")
+    tc.add_argument("--ttl-days", type=float, default=90)
+    tl = tsub.add_parser("list")
+    tl.add_argument("--user", default="")
+    tsub.add_parser("revoke").add_argument("token_id")
     return p
+
+
+def print_web_login(stack: Stack, state_dir: Path) -> None:
+    """Where the web app is and how to log in; the admin's token becomes the CLI's."""
+    console.print(f"  [bold]web app[/]    {stack.web_url}")
+    try:
+        admin = stack.admin
+    except StackError as exc:
+        console.print(f"  [yellow]{exc}[/]")
+        return
+    saved = state_dir / access.TOKEN_FILE
+    # A token saved before this database's admin was created belongs to an older database.
+    if not saved.exists() or saved.stat().st_mtime < stack.bootstrap_path.stat().st_mtime:
+        write_token(state_dir, admin["token"])
+    console.print(f"  log in as [bold]{admin['user_id']}[/] with password [bold]{admin['password']}[/]")
+    console.print(
+        f"  (kept in {stack.bootstrap_path}; the CLI uses the admin's token in {state_dir / 'token'})"
+    )
 
 
 def _up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with console.status("starting nats-server, PostgreSQL and the five services…"):
+    with console.status("starting nats-server, PostgreSQL, the services and the web app…"):
         stack = Stack(args.state_dir, nats_url=args.nats_url, database_url=args.database_url).start()
     try:
-        path = write_targets(args.state_dir, stack.targets)
+        path = write_targets(args.state_dir, {**stack.targets, "web": stack.web_url})
         console.print(f"[bold green]Tandem is up.[/] NATS {stack.nats_url}")
         for name, target in stack.targets.items():
             console.print(
                 f"  {name:<10} gRPC {target}   http://127.0.0.1:{stack.processes[name].http_port}/metrics"
             )
+        print_web_login(stack, args.state_dir)
         console.print(
             f"addresses written to {path}; logs in {args.state_dir / 'logs'}. Ctrl-C stops everything."
         )
@@ -146,10 +203,18 @@ def _up(args: argparse.Namespace) -> int:
 
 
 async def _with_clients(args: argparse.Namespace) -> int:
-    overrides = {n: getattr(args, n, None) for n in ("ingest", "inference", "review", "export", "scorer")}
-    async with Clients(resolve_targets(args.state_dir, overrides)) as clients:
+    overrides = {n: getattr(args, n, None) for n in SERVICE_FLAGS}
+    token = resolve_token(args.state_dir, args.token)
+    if token is None and args.command != "login":
+        raise InputError(
+            "not logged in: run `tandem login USER`, set TANDEM_TOKEN, or pass --token "
+            f"(`tandem up` saves the admin's token in {args.state_dir / 'token'})"
+        )
+    async with Clients(resolve_targets(args.state_dir, overrides), token=token) as clients:
         work: Coroutine[Any, Any, Any]
-        if args.command == "project" and args.project_command == "create":
+        if args.command in ACCESS_COMMANDS:
+            work = _access(args, clients)
+        elif args.command == "project" and args.project_command == "create":
             work = commands.create_project(clients, args.file)
         elif args.command == "project":
             work = commands.list_projects(clients)
@@ -189,6 +254,31 @@ async def _with_clients(args: argparse.Namespace) -> int:
             return 0
         await work
     return 0
+
+
+ACCESS_COMMANDS = ("login", "logout", "whoami", "user", "member", "token")
+
+
+def _access(args: argparse.Namespace, clients: Clients) -> Coroutine[Any, Any, None]:
+    if args.command == "login":
+        return access.login(clients, args.state_dir, args.user, args.ttl_days)
+    if args.command == "logout":
+        return access.logout(clients, args.state_dir)
+    if args.command == "whoami":
+        return access.whoami(clients)
+    if args.command == "user":
+        if args.user_command == "add":
+            return access.add_user(clients, args.user, args.role, args.project, args.password)
+        if args.user_command == "list":
+            return access.list_users(clients, args.project)
+        return access.disable_user(clients, args.user, args.user_command == "disable")
+    if args.command == "member":
+        return access.member(clients, args.project, args.user, args.member_command == "remove")
+    if args.token_command == "create":
+        return access.create_token(clients, args.user, args.name, args.ttl_days)
+    if args.token_command == "list":
+        return access.list_tokens(clients, args.user)
+    return access.revoke_token(clients, args.token_id)
 
 
 def _floats(text: str) -> tuple[float, ...]:

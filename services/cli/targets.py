@@ -7,7 +7,14 @@ import json
 import os
 from pathlib import Path
 
-DEFAULT_PORTS = {"ingest": 50051, "inference": 50052, "scorer": 50053, "review": 50054, "export": 50055}
+DEFAULT_PORTS = {
+    "ingest": 50051,
+    "inference": 50052,
+    "scorer": 50053,
+    "review": 50054,
+    "export": 50055,
+    "identity": 50056,
+}
 TARGETS_FILE = "targets.json"
 
 

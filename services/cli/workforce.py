@@ -1,19 +1,24 @@
 """Simulated annotators: they answer review tasks from gold labels, with a set error rate and speed.
 
 This is the benchmark workforce: it talks to the real review service over gRPC exactly like a
-person's tool would (lease, answer, submit), so the loop is measured end to end.
+person's tool would (lease, answer, submit), so the loop is measured end to end. Each simulated
+annotator is a real user (role annotator, member of the project) who logs in with a password
+and works with their own session token, so every label carries a real identity.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from services.cli.client import Clients
+from services.gen.tandem.identity.v1 import identity_pb2
 from services.gen.tandem.review.v1 import review_pb2
 
 
@@ -59,25 +64,61 @@ class Workforce:
                     return
                 await asyncio.sleep(0.5)
 
+        names = [f"sim-{i + 1:02d}" for i in range(self._config.annotators)]
+        sessions = [await self._log_in(name) for name in names]
         watcher = asyncio.create_task(watch())
         workers = [
-            asyncio.create_task(self._annotator(f"sim-{i + 1:02d}", i, finished, stop))
-            for i in range(self._config.annotators)
+            asyncio.create_task(self._annotator(session, name, i, finished, stop))
+            for i, (name, session) in enumerate(zip(names, sessions, strict=True))
         ]
         try:
             await asyncio.gather(*workers)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+            for session in sessions:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await session.identity.Logout(identity_pb2.LogoutRequest(), timeout=5)
+                await session.close()
         return self.stats
 
-    async def _annotator(self, name: str, index: int, finished: asyncio.Event, stop: asyncio.Event) -> None:
+    async def _log_in(self, name: str) -> Clients:
+        """The annotator as a user of the project (created on first use), logged in."""
+        identity = self._clients.identity
+        project = self._config.project_id
+        password = secrets.token_urlsafe(16)
+        try:
+            await identity.CreateUser(
+                identity_pb2.CreateUserRequest(
+                    user_id=name,
+                    role=identity_pb2.ROLE_ANNOTATOR,
+                    password=password,
+                    display_name=f"Simulated annotator {name}",
+                    project_ids=[project],
+                ),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            await identity.UpdateUser(
+                identity_pb2.UpdateUserRequest(user_id=name, password=password), timeout=30
+            )
+            await identity.AddMember(
+                identity_pb2.AddMemberRequest(project_id=project, user_id=name), timeout=10
+            )
+        login = await identity.Login(identity_pb2.LoginRequest(user_id=name, password=password), timeout=30)
+        return Clients(self._clients.targets, token=login.token)
+
+    async def _annotator(
+        self, session: Clients, name: str, index: int, finished: asyncio.Event, stop: asyncio.Event
+    ) -> None:
         rng = random.Random(self._config.seed * 1000 + index)
         cfg = self._config
         while not finished.is_set() and not stop.is_set():
             try:
-                task = await self._clients.review.NextTask(
-                    review_pb2.NextTaskRequest(project_id=cfg.project_id, annotator_id=name), timeout=10
+                task = await session.review.NextTask(
+                    review_pb2.NextTaskRequest(project_id=cfg.project_id), timeout=10
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
@@ -88,11 +129,10 @@ class Workforce:
             if cfg.seconds_per_item > 0:
                 await asyncio.sleep(cfg.seconds_per_item)
             try:
-                await self._clients.review.SubmitLabel(
+                await session.review.SubmitLabel(
                     review_pb2.SubmitLabelRequest(
                         task_id=task.task_id,
                         lease_id=task.lease_id,
-                        annotator_id=name,
                         label=label,
                         seconds_spent=cfg.seconds_per_item,
                     ),

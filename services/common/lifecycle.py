@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from services.common.auth import AuthInterceptor
 from services.common.bus.outbox import OutboxRelay
 from services.common.bus.topology import ConsumerSpec, apply_topology
 from services.common.bus.worker import Handler, Worker
@@ -50,7 +51,11 @@ class Runtime:
         self.relay_stop = asyncio.Event()
         self.health = Health()
         self.grpc_health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+        # Every call is authenticated and authorized before its handler runs (health excepted).
+        self.auth = AuthInterceptor()
+        self.grpc_server = grpc.aio.server(
+            interceptors=[self.auth], options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
         self.workers: list[Worker] = []
         self.relays: list[OutboxRelay] = []
         self._background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = []
@@ -119,6 +124,7 @@ class Runtime:
             raise FatalError(f"cannot connect to NATS at {self.common.nats_url}: {exc}") from exc
         self._js = self._nc.jetstream()
         await apply_topology(self._js)
+        self.auth.bind(self._js)
 
 
 SetUp = Callable[[Runtime], Awaitable[None]]
@@ -141,7 +147,13 @@ async def serve(name: str, own: ServiceSettings, setup: SetUp, *, schema: str | 
         await rt._connect(schema)
         await setup(rt)
         health_pb2_grpc.add_HealthServicer_to_server(rt.grpc_health, rt.grpc_server)
-        rt.grpc_port = rt.grpc_server.add_insecure_port(f"{common.bind_host}:{own.grpc_port}")
+        address = f"{common.bind_host}:{own.grpc_port}"
+        credentials = common.grpc_server_credentials()
+        rt.grpc_port = (
+            rt.grpc_server.add_insecure_port(address)
+            if credentials is None
+            else rt.grpc_server.add_secure_port(address, credentials)
+        )
         await rt.grpc_server.start()
         for relay in rt.relays:
             relay_tasks.append(asyncio.create_task(relay.run(rt.relay_stop), name=f"{name}-outbox"))

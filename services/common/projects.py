@@ -39,6 +39,7 @@ class ProjectSpec:
     guarantee: str = "dataset"
     delta: float = 0.05
     human_error: float = 0.0
+    created_by: str = ""
 
     @property
     def label_names(self) -> list[str]:
@@ -62,6 +63,7 @@ class ProjectSpec:
             guarantee=p.guarantee or "dataset",
             delta=p.delta or 0.05,
             human_error=p.human_error,
+            created_by=p.created_by,
         )
 
     def to_proto(self) -> projects_pb2.Project:
@@ -78,6 +80,7 @@ class ProjectSpec:
             guarantee=self.guarantee,
             delta=self.delta,
             human_error=self.human_error,
+            created_by=self.created_by,
         )
 
 

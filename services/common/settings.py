@@ -6,8 +6,10 @@ Common values use the `TANDEM_` prefix (`TANDEM_NATS_URL`); each service's own v
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
+import grpc
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -26,6 +28,18 @@ class CommonSettings(BaseSettings):
     drain_seconds: float = Field(default=20.0, gt=0)
     db_pool_min: int = Field(default=1, ge=1)
     db_pool_max: int = Field(default=8, ge=1)
+    # TLS for gRPC (and the web app's HTTP): both files set = TLS on; neither = plaintext.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    def grpc_server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert_file is None and self.tls_key_file is None:
+            return None
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            raise ValueError("TLS needs both TANDEM_TLS_CERT_FILE and TANDEM_TLS_KEY_FILE")
+        return grpc.ssl_server_credentials(
+            [(self.tls_key_file.read_bytes(), self.tls_cert_file.read_bytes())]
+        )
 
     @field_validator("database_url")
     @classmethod

@@ -18,7 +18,9 @@ def main() -> None:
         materializer = Materializer(rt.pool)
         rt.add_worker(EXPORT_ITEMS, materializer.on_items, fetch_batch=16)
         rt.add_worker(EXPORT_LABELS, materializer.on_final_labels, fetch_batch=16)
-        export_pb2_grpc.add_ExportServiceServicer_to_server(ExportServicer(rt.pool, settings), rt.grpc_server)
+        export_pb2_grpc.add_ExportServiceServicer_to_server(
+            ExportServicer(rt.pool, settings, rt.auth.view), rt.grpc_server
+        )
         stats_pb2_grpc.add_StatsServiceServicer_to_server(ExportStatsServicer(rt.pool), rt.grpc_server)
 
     run("export", settings, setup, schema=SCHEMA)

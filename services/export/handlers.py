@@ -10,6 +10,7 @@ import asyncpg
 import grpc
 from prometheus_client import Counter, Histogram
 
+from services.common.auth import IdentityView, require_project
 from services.common.bus.worker import Delivery
 from services.common.errors import PermanentError
 from services.common.grpc_context import Context
@@ -63,9 +64,10 @@ def _info(row: asyncpg.Record) -> export_pb2.ExportInfo:
 
 
 class ExportServicer(export_pb2_grpc.ExportServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, settings: ExportSettings) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: ExportSettings, view: IdentityView) -> None:
         self._pool = pool
         self._settings = settings
+        self._view = view
 
     async def CreateExport(
         self, request: export_pb2.CreateExportRequest, context: Context
@@ -108,6 +110,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
         if row is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no export {export_id}")
         assert row is not None
+        await require_project(context, row["project_id"], self._view)
         return row
 
 

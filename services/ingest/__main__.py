@@ -18,7 +18,7 @@ def main() -> None:
         relay = rt.add_outbox(SCHEMA)
         ingestor = Ingestor(rt.pool, relay, ProjectDirectory(rt.js), settings)
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(ingestor, settings), rt.grpc_server
+            IngestServicer(ingestor, settings, rt.auth.view), rt.grpc_server
         )
         stats_pb2_grpc.add_StatsServiceServicer_to_server(IngestStatsServicer(ingestor), rt.grpc_server)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -11,6 +12,7 @@ import asyncpg
 import grpc
 from prometheus_client import Counter
 
+from services.common.auth import IdentityView, caller, require_project
 from services.common.bus.outbox import OutboxRelay, Outgoing
 from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory, ProjectSpec
@@ -63,8 +65,8 @@ class Ingestor:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
-    async def create_project(self, proto: projects_pb2.Project) -> projects_pb2.Project:
-        spec = validate_project(ProjectSpec.from_proto(proto))
+    async def create_project(self, proto: projects_pb2.Project, created_by: str) -> projects_pb2.Project:
+        spec = dataclasses.replace(validate_project(ProjectSpec.from_proto(proto)), created_by=created_by)
         stored = spec.to_proto()
         stored.created_unix_ms = int(time.time() * 1000)
         async with self._pool.acquire() as conn, conn.transaction():
@@ -186,18 +188,25 @@ def _result(answer: ItemAnswer) -> ingest_pb2.ItemResult:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, ingestor: Ingestor, settings: IngestSettings) -> None:
+    def __init__(self, ingestor: Ingestor, settings: IngestSettings, view: IdentityView) -> None:
         self._ingestor = ingestor
         self._settings = settings
+        self._view = view
 
     async def CreateProject(
         self, request: ingest_pb2.CreateProjectRequest, context: Context
     ) -> projects_pb2.Project:
         try:
-            return await self._ingestor.create_project(request.project)
+            project = await self._ingestor.create_project(request.project, caller().user_id)
         except InvalidProject as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # unreachable: abort raises
+        # An existing project is returned (a retried create) only to someone who may see it.
+        if project.created_by != caller().user_id and not caller().member_of(project.project_id):
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"project {project.project_id!r} exists already"
+            )
+        return project
 
     async def GetProject(
         self, request: ingest_pb2.GetProjectRequest, context: Context
@@ -212,7 +221,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.ListProjectsRequest, context: Context
     ) -> ingest_pb2.ListProjectsResponse:
         async with self._ingestor.pool.acquire() as conn:
-            return ingest_pb2.ListProjectsResponse(projects=await repo.list_projects(conn))
+            projects = await repo.list_projects(conn)
+        me = caller()
+        mine = [p for p in projects if me.member_of(p.project_id) or p.created_by == me.user_id]
+        return ingest_pb2.ListProjectsResponse(projects=mine)
+
+    async def _may_ingest(self, items: Sequence[RawItem], context: Context) -> None:
+        # Items may name their own project: every project named must be the caller's.
+        for project_id in sorted({it.project_id for it in items}):
+            await require_project(context, project_id, self._view)
 
     async def SubmitBatch(
         self, request: ingest_pb2.SubmitBatchRequest, context: Context
@@ -222,7 +239,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(request.items)} items in one request; the limit is {self._settings.max_items_per_request}",
             )
-        answers = await self._ingestor.submit(request.project_id, _raw_items(request))
+        raw = _raw_items(request)
+        await self._may_ingest(raw, context)
+        answers = await self._ingestor.submit(request.project_id, raw)
         return ingest_pb2.SubmitBatchResponse(
             results=[_result(a) for a in answers],
             accepted=sum(a.outcome is Outcome.ACCEPTED for a in answers),
@@ -241,7 +260,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, "a stream message exceeds the item limit"
                 )
-            for answer in await self._ingestor.submit(request.project_id, _raw_items(request)):
+            raw = _raw_items(request)
+            await self._may_ingest(raw, context)
+            for answer in await self._ingestor.submit(request.project_id, raw):
                 if answer.outcome is Outcome.ACCEPTED:
                     response.accepted += 1
                 elif answer.outcome is Outcome.DUPLICATE:

@@ -40,7 +40,7 @@ async def stack(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterat
 async def test_spent_budget_finalizes_the_rest_below_target(stack: Stack, tmp_path: Path) -> None:
     corpus = make_corpus(per_label=20)
     gold = {r["id"]: r["label"] for r in corpus}
-    async with Clients(stack.targets) as clients:
+    async with Clients(stack.targets, token=stack.admin_token) as clients:
         project = projects_pb2.Project(
             project_id=PROJECT,
             labels=[projects_pb2.LabelDef(name=k, description=v) for k, v in LABELS.items()],

@@ -61,7 +61,7 @@ async def test_every_item_is_exported_exactly_once_through_faults(stack: Stack, 
     first, second = corpus[:80], corpus[80:]
     gold = {r["id"]: r["label"] for r in corpus}
 
-    async with Clients(stack.targets) as clients:
+    async with Clients(stack.targets, token=stack.admin_token) as clients:
         project = projects_pb2.Project(
             project_id=PROJECT,
             labels=[projects_pb2.LabelDef(name=k, description=v) for k, v in LABELS.items()],

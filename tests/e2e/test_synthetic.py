@@ -47,7 +47,7 @@ async def test_synthetic_items_are_reviewed_by_people_and_exported_flagged(
 ) -> None:
     corpus = make_corpus(per_label=2)
     gold = {r["text"]: r["label"] for r in corpus}
-    async with Clients(stack.targets) as clients:
+    async with Clients(stack.targets, token=stack.admin_token) as clients:
         project = projects_pb2.Project(
             project_id=PROJECT,
             labels=[projects_pb2.LabelDef(name=k, description=v) for k, v in LABELS.items()],

@@ -77,7 +77,9 @@ async def env(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterator
     )
     await asyncio.to_thread(stack.start)
     try:
-        async with Clients({**stack.targets, "inference": stack.targets["ingest"]}) as clients:
+        async with Clients(
+            {**stack.targets, "inference": stack.targets["ingest"]}, token=stack.admin_token
+        ) as clients:
             yield stack, clients
     finally:
         await asyncio.to_thread(stack.stop)

@@ -80,6 +80,8 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 
 PROJECTS_BUCKET = "tandem_projects"
 FEWSHOT_BUCKET = "tandem_fewshot"
+# Token grants and principals, written by identity only (see services/common/auth.py).
+IDENTITY_BUCKET = "tandem_identity"
 
 
 def _stream_config(spec: StreamSpec) -> StreamConfig:
@@ -125,4 +127,5 @@ async def apply_topology(js: JetStreamContext) -> None:
         await js.add_consumer(consumer.stream, _consumer_config(consumer))
     await js.create_key_value(bucket=PROJECTS_BUCKET, history=1)
     await js.create_key_value(bucket=FEWSHOT_BUCKET, history=1)
+    await js.create_key_value(bucket=IDENTITY_BUCKET, history=1)
     log.debug("topology applied: %d streams, %d consumers", len(STREAMS), len(CONSUMERS))
