@@ -20,12 +20,14 @@ import pytest
 
 from services.cli.client import Clients
 from services.cli.stack import Stack
+from services.common.auth import Role
 from services.common.bus.contracts import Subject
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.predictions.v1 import predictions_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
 from services.gen.tandem.review.v1 import review_pb2
 from services.gen.tandem.stats.v1 import stats_pb2
+from services.identity.bucket import IdentityBucket
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -135,16 +137,31 @@ async def _stats(clients: Clients, project: str) -> stats_pb2.ProjectStats:
     return await clients.stats(project)
 
 
+async def _person(stack: Stack, user_id: str, project: str) -> Clients:
+    """Clients for an annotator of the project (a token minted straight into the identity bucket)."""
+    nc = await nats.connect(stack.nats_url)
+    try:
+        token = await IdentityBucket(nc.jetstream()).issue(user_id, Role.ANNOTATOR, [project])
+    finally:
+        await nc.close()
+    return Clients({**stack.targets, "inference": stack.targets["ingest"]}, token=token)
+
+
 async def _label_all(
-    clients: Clients, project: str, truth: dict[str, int], limit: int, annotator: str = "ann"
+    stack: Stack, project: str, truth: dict[str, int], limit: int, annotator: str = "ann"
 ) -> list[review_pb2.Task]:
     """Answer up to `limit` tasks truthfully, in the order the review service serves them."""
     served: list[review_pb2.Task] = []
+    async with await _person(stack, annotator, project) as clients:
+        return await _answer(clients, project, truth, limit, served)
+
+
+async def _answer(
+    clients: Clients, project: str, truth: dict[str, int], limit: int, served: list[review_pb2.Task]
+) -> list[review_pb2.Task]:
     while len(served) < limit:
         try:
-            task = await clients.review.NextTask(
-                review_pb2.NextTaskRequest(project_id=project, annotator_id=annotator), timeout=5
-            )
+            task = await clients.review.NextTask(review_pb2.NextTaskRequest(project_id=project), timeout=5)
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND
             break
@@ -153,7 +170,6 @@ async def _label_all(
             review_pb2.SubmitLabelRequest(
                 task_id=task.task_id,
                 lease_id=task.lease_id,
-                annotator_id=annotator,
                 label=LABELS[truth[task.external_id]],
             ),
             timeout=5,
@@ -177,7 +193,7 @@ async def test_acceptance_follows_the_certificate(env: tuple[Stack, Clients]) ->
     # first, and its other items are accepted once their audits are in and the certificate holds.
     served: list[review_pb2.Task] = []
     while not (await _stats(clients, project)).scorer.auto_accepted and len(served) < 120:
-        batch = await _label_all(clients, project, truth, limit=4)
+        batch = await _label_all(stack, project, truth, limit=4)
         assert batch, "the queue ran dry before anything was accepted"
         served += batch
         await asyncio.sleep(0.3)
@@ -192,7 +208,7 @@ async def test_acceptance_follows_the_certificate(env: tuple[Stack, Clients]) ->
     assert s.audits >= s.audited > 0
 
     # Everything ends decided, and what is certified holds against the truth.
-    await _label_all(clients, project, truth, limit=1000)
+    await _label_all(stack, project, truth, limit=1000)
     await _eventually(lambda: _all_decided(clients, project, len(pool)), "every item decided")
     s = (await _stats(clients, project)).scorer
     assert 0 < s.auto_accepted <= s.withdrawn
@@ -220,8 +236,8 @@ async def test_a_confidently_wrong_region_stays_with_people(
     # Two people answer truthfully, a few items at a time, until every item is decided (a
     # disagreeing audit goes to a second person).
     while True:
-        served = await _label_all(clients, project, truth, limit=4)
-        served += await _label_all(clients, project, truth, limit=4, annotator="other")
+        served = await _label_all(stack, project, truth, limit=4)
+        served += await _label_all(stack, project, truth, limit=4, annotator="other")
         await asyncio.sleep(0.1)
         if not served:
             with contextlib.suppress(AssertionError):
@@ -287,35 +303,30 @@ async def test_contradicted_human_labels_get_a_second_opinion_from_someone_else(
     # the rest to contradict each of them with confidence).
     wrong = {item_id: (truth[item_id] + 1) % 3 for item_id, _ in items[:3]}
     given = {**truth, **wrong}
-    await _label_all(clients, project, given, limit=1000)
+    await _label_all(stack, project, given, limit=1000)
     await _eventually(lambda: _second_opinions(clients, project, len(wrong)), "second-opinion requests")
 
     # Not back to the same person…
-    with pytest.raises(grpc.aio.AioRpcError) as same:
-        await clients.review.NextTask(
-            review_pb2.NextTaskRequest(project_id=project, annotator_id="ann"), timeout=5
-        )
+    async with await _person(stack, "ann", project) as first:
+        with pytest.raises(grpc.aio.AioRpcError) as same:
+            await first.review.NextTask(review_pb2.NextTaskRequest(project_id=project), timeout=5)
     assert same.value.code() == grpc.StatusCode.NOT_FOUND
     # …but to someone else, without a suggestion to lean on.
     rechecked = []
-    while True:
-        try:
-            task = await clients.review.NextTask(
-                review_pb2.NextTaskRequest(project_id=project, annotator_id="second"), timeout=5
+    async with await _person(stack, "second", project) as second:
+        while True:
+            try:
+                task = await second.review.NextTask(review_pb2.NextTaskRequest(project_id=project), timeout=5)
+            except grpc.aio.AioRpcError:
+                break
+            assert task.round == 1 and task.reason == "second_opinion" and not task.suggested_label
+            rechecked.append(task.item_id)
+            await second.review.SubmitLabel(
+                review_pb2.SubmitLabelRequest(
+                    task_id=task.task_id, lease_id=task.lease_id, label=LABELS[truth[task.item_id]]
+                ),
+                timeout=5,
             )
-        except grpc.aio.AioRpcError:
-            break
-        assert task.round == 1 and task.reason == "second_opinion" and not task.suggested_label
-        rechecked.append(task.item_id)
-        await clients.review.SubmitLabel(
-            review_pb2.SubmitLabelRequest(
-                task_id=task.task_id,
-                lease_id=task.lease_id,
-                annotator_id="second",
-                label=LABELS[truth[task.item_id]],
-            ),
-            timeout=5,
-        )
     assert set(wrong) <= set(rechecked)
     await _eventually(lambda: _relabeled(clients, project, len(wrong)), "the corrections")
 
