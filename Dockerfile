@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# One image for all five services; pick the service with the command:
+# One image for all seven services (ingest, inference, scorer, review, export, identity, web);
+# pick the service with the command:
 #   docker run tandem:0.1.0 python -m services.ingest
 # Build:  docker build -t tandem:0.1.0 .
 # GPU variant (vLLM inference), see deploy/k8s/README.md:
@@ -44,6 +45,9 @@ print('\n'.join(deps))" > /tmp/requirements.txt \
  && if [ -n "${EXTRA_PIP_PACKAGES}" ]; then pip install --extra-index-url "${TORCH_INDEX_URL}" ${EXTRA_PIP_PACKAGES}; fi
 
 # 3. Source, generated gRPC code, and the project itself.
+#    The services run from /app (the working directory comes first on sys.path with `python -m`),
+#    so the data files they read there travel with this COPY: migrations/<schema>/*.sql and the
+#    web app's services/web/templates/ and services/web/static/ (see .dockerignore for what stays out).
 #    The stamp tells the Makefile the venv is already provisioned, so `make proto` only runs
 #    protoc (with /app/.venv, where the Makefile expects it) instead of installing dev tools.
 COPY . .
@@ -70,7 +74,8 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/tmp/huggingface \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    TOKENIZERS_PARALLELISM=false
+    TOKENIZERS_PARALLELISM=false \
+    TANDEM_BIND_HOST=0.0.0.0
 
 RUN groupadd --system --gid 10001 tandem \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
@@ -82,7 +87,7 @@ COPY --from=build /app /app
 
 USER 10001:10001
 
-# gRPC 50051-50055, HTTP (/metrics, /livez, /readyz) 8081-8085
-EXPOSE 50051-50055 8081-8085
+# gRPC 50051-50057, ops HTTP (/metrics, /livez, /readyz) 8081-8087, web app 8080
+EXPOSE 50051-50057 8081-8087 8080
 
 CMD ["python", "-m", "services.ingest"]

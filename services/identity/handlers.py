@@ -138,7 +138,8 @@ class Directory:
                 return
             password = secrets.token_urlsafe(12)
             pw_hash = await asyncio.to_thread(hash_password, password)
-            await repo.insert_user(conn, "admin", Role.ADMIN, "Administrator", pw_hash)
+            if not await repo.insert_user(conn, "admin", Role.ADMIN, "Administrator", pw_hash):
+                return  # another replica starting at the same moment made it (and wrote the file)
             await self.publish_user(conn, "admin")
         token, _row = await self.issue("admin", "bootstrap", self.settings.token_ttl_seconds, session=False)
         path.parent.mkdir(parents=True, exist_ok=True)
