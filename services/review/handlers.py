@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from datetime import datetime
 
 import asyncpg
 import grpc
 from prometheus_client import Counter, Gauge
 
+from services.common.auth import caller
 from services.common.bus.outbox import OutboxRelay, Outgoing
 from services.common.bus.worker import Delivery
 from services.common.grpc_context import Context
@@ -19,15 +21,17 @@ from services.gen.tandem.labels.v1 import labels_pb2
 from services.gen.tandem.review.v1 import review_pb2, review_pb2_grpc
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.gen.tandem.tasks.v1 import tasks_pb2
-from services.review import repo
-from services.review.repo import TaskRow
+from services.review import repo, service
+from services.review.service import LeaseClaim, Reason, Refused, State, Submit, Task
 from services.review.settings import ReviewSettings
 
 log = logging.getLogger(__name__)
 
 LABELS = Counter("tandem_review_labels_total", "Human labels accepted.")
-WITHDRAWN = Counter("tandem_review_withdrawn_total", "Open tasks withdrawn.")
-EXPIRED = Counter("tandem_review_leases_expired_total", "Leases that expired and returned to the queue.")
+WITHDRAWN = Counter(
+    "tandem_review_withdrawn_total", "Tasks withdrawn: open, or when a withdrawn task's lease ended."
+)
+EXPIRED = Counter("tandem_review_leases_expired_total", "Leases that expired unanswered.")
 QUEUE = Gauge("tandem_review_queue_depth", "Review tasks by state.", ["state"])
 
 
@@ -43,11 +47,14 @@ class TaskConsumer:
             if isinstance(message, tasks_pb2.ReviewTaskBatch):
                 await repo.upsert_tasks(conn, message.tasks)
             elif isinstance(message, tasks_pb2.TaskWithdrawalBatch):
-                WITHDRAWN.inc(await repo.withdraw(conn, message.item_ids))
+                WITHDRAWN.inc(await repo.withdraw(conn, message.project_id, message.item_ids))
 
 
 class ReviewDesk:
-    """Leases tasks to annotators and turns their answers into human and final labels."""
+    """Leases tasks to annotators and turns their answers into human and final labels.
+
+    I/O only: it reads the task and its item's labels, asks `service` whether the caller may act,
+    writes, and publishes through the outbox. A refusal leaves as `service.Refused`."""
 
     def __init__(
         self, pool: asyncpg.Pool, relay: OutboxRelay, projects: ProjectDirectory, settings: ReviewSettings
@@ -57,154 +64,198 @@ class ReviewDesk:
         self._projects = projects
         self._settings = settings
 
-    async def task_message(self, row: TaskRow) -> review_pb2.Task:
-        project = await self._projects.get(row.project_id)
+    async def task_message(self, task: Task) -> review_pb2.Task:
+        project = await self._projects.get(task.project_id)
         return review_pb2.Task(
-            task_id=row.task_id,
-            item_id=row.item_id,
-            project_id=row.project_id,
-            external_id=row.external_id,
-            text=row.text,
+            task_id=task.task_id,
+            item_id=task.item_id,
+            project_id=task.project_id,
+            external_id=task.external_id,
+            text=task.text,
             labels=project.label_names,
-            suggested_label=row.suggested_label,
-            confidence=row.confidence,
-            reason=row.reason,
-            lease_id=row.lease_id or "",
-            lease_expires_unix_ms=int(row.lease_expires_at.timestamp() * 1000) if row.lease_expires_at else 0,
-            synthetic=row.synthetic,
-            round=row.round,
+            suggested_label=task.suggested_label,
+            confidence=task.confidence,
+            reason=task.reason,
+            lease_id=task.lease_id or "",
+            lease_expires_unix_ms=int(task.lease_expires_at.timestamp() * 1000)
+            if task.lease_expires_at
+            else 0,
+            synthetic=task.synthetic,
+            round=task.round,
         )
 
     def lease_for(self, requested: float) -> float:
-        return min(requested or self._settings.lease_seconds, self._settings.max_lease_seconds)
+        return service.lease_seconds(
+            requested, self._settings.lease_seconds, self._settings.max_lease_seconds
+        )
 
-    async def submit(self, request: review_pb2.SubmitLabelRequest, context: Context) -> bool:
+    async def claim(self, project_id: str, annotator_id: str, lease_seconds: float) -> Task | None:
+        async with self.pool.acquire() as conn:
+            return await repo.claim_next(conn, project_id, annotator_id, self.lease_for(lease_seconds))
+
+    async def submit(self, request: review_pb2.SubmitLabelRequest, annotator_id: str) -> bool:
+        """True when the label is recorded, False for a retry of the caller's accepted submit."""
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await repo.lock_task(conn, request.task_id)
-            if row is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {request.task_id}")
-            assert row is not None
-            project = await self._projects.get(row.project_id)
-            if request.label not in project.label_names:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"label {request.label!r} is not one of {', '.join(project.label_names)}",
-                )
-            if row.state == "done":
-                # A retried submit from the same person is fine; the task has its label already.
-                if await repo.has_annotation(conn, row.task_id, request.annotator_id):
-                    return False
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this task already has its label")
-            if row.state == "leased" and row.lease_id != request.lease_id:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the task is leased to someone else")
-            if row.state == "withdrawn":
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "the task was withdrawn: its label was accepted automatically",
-                )
+            task, now = await _lock(conn, request.task_id)
+            project = await self._projects.get(task.project_id)
+            # Read inside the transaction, with the task locked: a second opinion is checked
+            # against the labels as they are when it is recorded, not when it was claimed.
+            prior = await repo.item_labels(conn, task.item_id)
+            verdict = service.check_submit(
+                task,
+                LeaseClaim(annotator_id, request.lease_id, now),
+                request.label,
+                project.label_names,
+                prior,
+            )
+            if verdict is Submit.ALREADY_RECORDED:
+                return False
             labeled_at = await repo.complete(
-                conn, row.task_id, request.annotator_id, request.label, request.seconds_spent
+                conn, task.task_id, annotator_id, request.label, request.seconds_spent
             )
-            ms = int(labeled_at.timestamp() * 1000)
-            human = labels_pb2.HumanLabelBatch(
-                batch_id=row.task_id,
-                project_id=row.project_id,
-                labels=[
-                    labels_pb2.HumanLabel(
-                        item_id=row.item_id,
-                        task_id=row.task_id,
-                        label=request.label,
-                        annotator_id=request.annotator_id,
-                        seconds_spent=request.seconds_spent,
-                        labeled_unix_ms=ms,
-                        reason=row.reason,
-                    )
-                ],
-            )
-            final = labels_pb2.FinalLabelBatch(
-                batch_id=row.task_id,
-                project_id=row.project_id,
-                labels=[
-                    labels_pb2.FinalLabel(
-                        item_id=row.item_id,
-                        label=request.label,
-                        source=labels_pb2.LABEL_SOURCE_HUMAN,
-                        confidence=1.0,
-                        annotator_ids=[request.annotator_id],
-                        finalized_unix_ms=ms,
-                    )
-                ],
-            )
-            outgoing = [Outgoing(f"annotated:{row.task_id}", human)]
-            if row.round == 0:
-                # A second opinion is settled by the scorer, which knows the first label and the model's.
-                outgoing.append(Outgoing(f"final:human:{row.task_id}", final))
-            await repo.publish(conn, outgoing)
+            await repo.publish(conn, _label_messages(task, annotator_id, request, labeled_at))
         self._relay.notify()
         LABELS.inc()
         return True
+
+    async def skip(self, request: review_pb2.SkipTaskRequest, annotator_id: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            task, now = await _lock(conn, request.task_id)
+            service.check_lease(task, LeaseClaim(annotator_id, request.lease_id, now))
+            after = service.state_after_lease(task)
+            await repo.release(conn, task.task_id, after, skipped=True)
+        if after is State.WITHDRAWN:
+            WITHDRAWN.inc()
+
+    async def extend(self, request: review_pb2.ExtendLeaseRequest, annotator_id: str) -> Task:
+        async with self.pool.acquire() as conn, conn.transaction():
+            task, now = await _lock(conn, request.task_id)
+            service.check_lease(task, LeaseClaim(annotator_id, request.lease_id, now))
+            extended = await repo.extend(conn, request.task_id, self.lease_for(request.lease_seconds))
+        assert extended is not None  # locked and leased above
+        return extended
 
     async def lease_sweeper(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 async with self.pool.acquire() as conn:
-                    expired = await repo.expire_leases(conn)
+                    ended = await repo.expire_leases(conn)
                     for state, n in (await repo.queue_depth(conn)).items():
                         QUEUE.labels(state).set(n)
-                if expired:
-                    EXPIRED.inc(expired)
-                    log.info("%d expired leases returned to the queue", expired)
+                requeued, withdrawn = ended.get(State.OPEN, 0), ended.get(State.WITHDRAWN, 0)
+                if requeued or withdrawn:
+                    EXPIRED.inc(requeued + withdrawn)
+                    WITHDRAWN.inc(withdrawn)
+                    log.info(
+                        "expired leases: %d tasks back in the queue, %d withdrawn meanwhile",
+                        requeued,
+                        withdrawn,
+                    )
             except (OSError, asyncpg.PostgresError):
                 log.warning("lease sweep failed; retrying", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._settings.lease_sweep_seconds)
 
 
+async def _lock(conn: asyncpg.Connection, task_id: str) -> tuple[Task, datetime]:
+    locked = await repo.lock_task(conn, task_id)
+    if locked is None:
+        raise Refused(Reason.NO_TASK, f"no task {task_id}")
+    return locked
+
+
+def _label_messages(
+    task: Task, annotator_id: str, request: review_pb2.SubmitLabelRequest, labeled_at: datetime
+) -> list[Outgoing]:
+    ms = int(labeled_at.timestamp() * 1000)
+    human = labels_pb2.HumanLabelBatch(
+        batch_id=task.task_id,
+        project_id=task.project_id,
+        labels=[
+            labels_pb2.HumanLabel(
+                item_id=task.item_id,
+                task_id=task.task_id,
+                label=request.label,
+                annotator_id=annotator_id,
+                seconds_spent=request.seconds_spent,
+                labeled_unix_ms=ms,
+                reason=task.reason,
+            )
+        ],
+    )
+    outgoing = [Outgoing(f"annotated:{task.task_id}", human)]
+    if task.round == 0:
+        # A second opinion is settled by the scorer, which knows the first label and the model's.
+        final = labels_pb2.FinalLabelBatch(
+            batch_id=task.task_id,
+            project_id=task.project_id,
+            labels=[
+                labels_pb2.FinalLabel(
+                    item_id=task.item_id,
+                    label=request.label,
+                    source=labels_pb2.LABEL_SOURCE_HUMAN,
+                    confidence=1.0,
+                    annotator_ids=[annotator_id],
+                    finalized_unix_ms=ms,
+                )
+            ],
+        )
+        outgoing.append(Outgoing(f"final:human:{task.task_id}", final))
+    return outgoing
+
+
+# How each refusal reaches the client; every Reason has an entry (a unit test checks).
+STATUS_OF: dict[Reason, grpc.StatusCode] = {
+    Reason.NO_TASK: grpc.StatusCode.NOT_FOUND,
+    Reason.UNKNOWN_LABEL: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.NOT_LEASED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.LEASE_HELD_BY_OTHER: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.LEASE_STALE: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.LEASE_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.ALREADY_LABELED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.WITHDRAWN: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.OWN_LABEL: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
 class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
+    """The annotator is always the caller (the interceptor resolved their token)."""
+
     def __init__(self, desk: ReviewDesk) -> None:
         self._desk = desk
 
     async def NextTask(self, request: review_pb2.NextTaskRequest, context: Context) -> review_pb2.Task:
-        if not request.annotator_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "annotator_id is required")
-        async with self._desk.pool.acquire() as conn:
-            row = await repo.claim_next(
-                conn, request.project_id, request.annotator_id, self._desk.lease_for(request.lease_seconds)
-            )
-        if row is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no task waiting in this project")
-        assert row is not None
-        return await self._desk.task_message(row)
+        task = await self._desk.claim(request.project_id, caller().user_id, request.lease_seconds)
+        if task is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no task waiting for you in this project")
+        return await self._desk.task_message(task)
 
     async def SubmitLabel(
         self, request: review_pb2.SubmitLabelRequest, context: Context
     ) -> review_pb2.SubmitLabelResponse:
         await _check_task_id(request.task_id, context)
-        if not request.annotator_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "annotator_id is required")
-        return review_pb2.SubmitLabelResponse(accepted=await self._desk.submit(request, context))
+        try:
+            accepted = await self._desk.submit(request, caller().user_id)
+        except Refused as exc:
+            await context.abort(STATUS_OF[exc.reason], exc.message)
+        return review_pb2.SubmitLabelResponse(accepted=accepted)
 
     async def SkipTask(
         self, request: review_pb2.SkipTaskRequest, context: Context
     ) -> review_pb2.SkipTaskResponse:
         await _check_task_id(request.task_id, context)
-        async with self._desk.pool.acquire() as conn, conn.transaction():
-            row = await repo.lock_task(conn, request.task_id)
-            if row is None or row.state != "leased" or row.lease_id != request.lease_id:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no lease on this task to give back")
-            await repo.release(conn, request.task_id, skipped=True)
+        try:
+            await self._desk.skip(request, caller().user_id)
+        except Refused as exc:
+            await context.abort(STATUS_OF[exc.reason], exc.message)
         return review_pb2.SkipTaskResponse()
 
     async def ExtendLease(self, request: review_pb2.ExtendLeaseRequest, context: Context) -> review_pb2.Task:
         await _check_task_id(request.task_id, context)
-        async with self._desk.pool.acquire() as conn, conn.transaction():
-            row = await repo.lock_task(conn, request.task_id)
-            if row is None or row.state != "leased" or row.lease_id != request.lease_id:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION, "the lease has expired or is not yours"
-                )
-            extended = await repo.extend(conn, request.task_id, self._desk.lease_for(request.lease_seconds))
-        assert extended is not None
+        try:
+            extended = await self._desk.extend(request, caller().user_id)
+        except Refused as exc:
+            await context.abort(STATUS_OF[exc.reason], exc.message)
         return await self._desk.task_message(extended)
 
 

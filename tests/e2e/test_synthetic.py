@@ -72,7 +72,7 @@ async def test_synthetic_items_are_reviewed_by_people_and_exported_flagged(
         while len(reasons) < len(corpus) and time.monotonic() < deadline:
             try:
                 task = await clients.review.NextTask(
-                    review_pb2.NextTaskRequest(project_id=PROJECT, annotator_id="ann-1"), timeout=10
+                    review_pb2.NextTaskRequest(project_id=PROJECT), timeout=10
                 )
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.NOT_FOUND
@@ -82,7 +82,7 @@ async def test_synthetic_items_are_reviewed_by_people_and_exported_flagged(
             reasons.append(task.reason)
             await clients.review.SubmitLabel(
                 review_pb2.SubmitLabelRequest(
-                    task_id=task.task_id, lease_id=task.lease_id, annotator_id="ann-1", label=gold[task.text]
+                    task_id=task.task_id, lease_id=task.lease_id, label=gold[task.text]
                 ),
                 timeout=10,
             )
