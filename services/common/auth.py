@@ -28,6 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 import grpc
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -299,7 +300,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 grpc.StatusCode.UNAUTHENTICATED, "no credentials: send 'authorization: Bearer <token>'"
             )
         assert token is not None
-        principal = await self.view.resolve(token)
+        try:
+            principal = await self.view.resolve(token)
+        except (nats.errors.Error, TimeoutError) as exc:
+            # NATS restarting: the caller's client retries UNAVAILABLE (its service config says so).
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check the token right now: {exc!r}")
+            raise  # unreachable: abort raises
         if principal is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the token is unknown, expired or revoked")
         assert principal is not None
