@@ -159,6 +159,16 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     async def _refuse(self, context: Context, refused: Refused) -> None:
         await context.abort(_STATUS[refused.code], str(refused))
 
+    async def _password_hash(self, password: str, context: Context) -> str | None:
+        """argon2 of a new password that meets the policy (in a thread: it is slow on purpose)."""
+        if not password:
+            return None
+        try:
+            check_password(password, self._d.settings.min_password_length)
+        except Refused as refused:
+            await self._refuse(context, refused)
+        return await asyncio.to_thread(hash_password, password)
+
     async def Login(self, request: identity_pb2.LoginRequest, context: Context) -> identity_pb2.LoginResponse:
         keys = login_keys(request.user_id, request.client_address or (context.peer() or ""))
         try:
@@ -207,14 +217,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             if request.role == identity_pb2.ROLE_UNSPECIFIED:
                 raise Refused("invalid", "a user needs a role")
             role = Role.from_proto(request.role)
-            password = (
-                check_password(request.password, self._d.settings.min_password_length)
-                if request.password
-                else ""
-            )
         except Refused as refused:
             await self._refuse(context, refused)
-        pw_hash = await asyncio.to_thread(hash_password, password) if password else None
+        pw_hash = await self._password_hash(request.password, context)
         for project_id in request.project_ids:
             await self._project_exists(project_id, context)
         async with self._d.pool.acquire() as conn, conn.transaction():
@@ -228,16 +233,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     async def UpdateUser(
         self, request: identity_pb2.UpdateUserRequest, context: Context
     ) -> identity_pb2.User:
-        try:
-            role = Role.from_proto(request.role) if request.role != identity_pb2.ROLE_UNSPECIFIED else None
-            password = (
-                check_password(request.password, self._d.settings.min_password_length)
-                if request.password
-                else ""
-            )
-        except Refused as refused:
-            await self._refuse(context, refused)
-        pw_hash = await asyncio.to_thread(hash_password, password) if password else None
+        role = Role.from_proto(request.role) if request.role != identity_pb2.ROLE_UNSPECIFIED else None
+        pw_hash = await self._password_hash(request.password, context)
         async with self._d.pool.acquire() as conn, conn.transaction():
             if await repo.get_user(conn, request.user_id) is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no user {request.user_id!r}")
