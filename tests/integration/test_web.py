@@ -1,0 +1,235 @@
+"""The web app on the real services: login, CSRF, per-person project lists, 403s, upload, logout.
+
+The app is a client of the services like any other, so these tests check what a browser sees:
+pages and redirects, cookies, and the JSON API of the labeling screen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.cli.client import Clients
+from services.cli.stack import Stack
+from services.gen.tandem.identity.v1 import identity_pb2
+from services.gen.tandem.ingest.v1 import ingest_pb2
+from services.gen.tandem.projects.v1 import projects_pb2
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+# No inference: nothing here needs a prediction, and the model load would dominate the test.
+SERVICES = ("identity", "ingest", "scorer", "review", "export", "web")
+PASSWORD = "correct horse battery"
+_CSRF = re.compile(r'<meta name="csrf-token" content="([0-9a-f]+)">')
+_LOGIN_CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterator[Stack]:
+    s = Stack(tmp_path / "state", nats_url=nats_url, database_url=database_url, services=SERVICES)
+    await asyncio.to_thread(s.start)
+    try:
+        async with Clients(s.targets, token=s.admin_token) as admin:
+            for project_id in ("mine", "theirs"):
+                await admin.ingest.CreateProject(
+                    ingest_pb2.CreateProjectRequest(
+                        project=projects_pb2.Project(
+                            project_id=project_id,
+                            name=f"Project {project_id}",
+                            labels=[projects_pb2.LabelDef(name="yes"), projects_pb2.LabelDef(name="no")],
+                        )
+                    )
+                )
+            for user_id, role, projects in (
+                ("ann", identity_pb2.ROLE_ANNOTATOR, ["mine"]),
+                ("boss", identity_pb2.ROLE_MANAGER, ["mine"]),
+            ):
+                await admin.identity.CreateUser(
+                    identity_pb2.CreateUserRequest(
+                        user_id=user_id, role=role, password=PASSWORD, project_ids=projects
+                    )
+                )
+        yield s
+    finally:
+        await asyncio.to_thread(s.stop)
+
+
+async def _login(client: httpx.AsyncClient, user_id: str, password: str = PASSWORD) -> httpx.Response:
+    form = await client.get("/login")
+    match = _LOGIN_CSRF.search(form.text)
+    assert match is not None, form.text
+    return await client.post(
+        "/login", data={"csrf": match.group(1), "user_id": user_id, "password": password, "next": "/projects"}
+    )
+
+
+def _csrf(page: httpx.Response) -> str:
+    match = _CSRF.search(page.text)
+    assert match is not None, page.text
+    return match.group(1)
+
+
+async def test_login_pages_csrf_and_logout(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.web_url, timeout=15) as anon:
+        # Nothing but the login page without a session; the API answers 401, not a redirect.
+        first = await anon.get("/projects")
+        assert first.status_code == 303 and first.headers["location"].startswith("/login")
+        assert (await anon.post("/api/projects/mine/next", json={})).status_code == 401
+        wrong = await _login(anon, "ann", "not the password")
+        assert wrong.status_code == 401 and "Wrong user id or password" in wrong.text
+        assert "tandem_session" not in anon.cookies
+
+    async with httpx.AsyncClient(base_url=stack.web_url, timeout=15) as ann:
+        answer = await _login(ann, "ann")
+        assert answer.status_code == 303 and answer.headers["location"] == "/projects"
+        cookie = answer.headers["set-cookie"]
+        assert "tandem_session=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+        projects = await ann.get("/projects")
+        assert projects.status_code == 200
+        assert "Project mine" in projects.text and "theirs" not in projects.text
+        for header, value in (("x-frame-options", "DENY"), ("cache-control", "no-store")):
+            assert projects.headers[header] == value
+        assert "script-src 'self'" in projects.headers["content-security-policy"]
+        token = _csrf(projects)
+
+        # Another project's pages and API: a clear 403, nothing of it shown.
+        for url in ("/projects/theirs", "/projects/theirs/label", "/projects/theirs/members"):
+            refused = await ann.get(url)
+            assert refused.status_code == 403, url
+            assert "Not allowed" in refused.text and "Project theirs" not in refused.text
+        api = await ann.post("/api/projects/theirs/next", json={}, headers={"X-CSRF-Token": token})
+        assert api.status_code == 403 and api.json()["error"] == "forbidden"
+        assert (await ann.get("/projects/nope/label")).status_code in (403, 404)
+        # A role that may not: annotators do not upload or manage users.
+        assert (await ann.get("/projects/mine/upload")).status_code == 403
+        assert (await ann.get("/admin/users")).status_code == 403
+
+        # CSRF: a state-changing request without the token (or with another) is refused.
+        assert (await ann.post("/api/projects/mine/next", json={})).status_code == 403
+        bad = await ann.post("/api/projects/mine/next", json={}, headers={"X-CSRF-Token": "0" * 64})
+        assert bad.status_code == 403 and bad.json()["error"] == "csrf"
+        assert (await ann.post("/logout", data={})).status_code == 403
+        # With it: the labeling screen's API works (no task yet: nothing was pre-labeled).
+        empty = await ann.post("/api/projects/mine/next", json={}, headers={"X-CSRF-Token": token})
+        assert empty.status_code == 200 and empty.json()["task"] is None
+        label_page = await ann.get("/projects/mine/label")
+        assert label_page.status_code == 200 and 'data-key="1"' in label_page.text
+
+        # Logout ends the session at the services: the old cookie no longer opens anything.
+        old = ann.cookies["tandem_session"]
+        out = await ann.post("/logout", data={"csrf": token})
+        assert out.status_code == 303 and out.headers["location"] == "/login"
+    async with httpx.AsyncClient(
+        base_url=stack.web_url, timeout=15, cookies={"tandem_session": old}
+    ) as replay:
+        again = await replay.get("/projects")
+        assert again.status_code == 303 and again.headers["location"].startswith("/login")
+
+
+async def test_manager_uploads_and_sees_the_result(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.web_url, timeout=30) as boss:
+        assert (await _login(boss, "boss")).status_code == 303
+        page = await boss.get("/projects/mine/upload")
+        assert page.status_code == 200
+        token = _csrf(page)
+        lines = [
+            '{"id": "a", "text": "The invoice is wrong", "source": "mail"}',
+            '{"id": "b", "text": "The invoice is wrong"}',
+            '{"id": "c", "text": ""}',
+            "not json",
+            '{"id": "d", "text": "Cannot log in", "label": "no"}',
+        ]
+        files = {"file": ("items.jsonl", "\n".join(lines).encode(), "application/x-ndjson")}
+        # Without the token as the first part the upload is refused before the file is read.
+        refused = await boss.post("/projects/mine/upload", files=files)
+        assert refused.status_code == 403
+        done = await boss.post("/projects/mine/upload", data={"csrf": token}, files=files)
+        assert done.status_code == 200, done.text
+        numbers = {
+            k: re.search(rf'id="{k}">(\d+)<', done.text) for k in ("accepted", "duplicates", "rejected")
+        }
+        assert {k: int(m.group(1)) for k, m in numbers.items() if m} == {
+            "accepted": 2,
+            "duplicates": 1,
+            "rejected": 2,
+        }
+        assert "line 4" in done.text and "not valid JSON" in done.text
+
+        status = await boss.get("/projects/mine")
+        assert status.status_code == 200 and "Ingested" in status.text
+        members = await boss.get("/projects/mine/members")
+        assert members.status_code == 200 and "ann" in members.text
+
+
+async def test_a_service_down_gets_a_clear_page_not_a_trace(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.web_url, timeout=30) as ann:
+        assert (await _login(ann, "ann")).status_code == 303
+        token = _csrf(await ann.get("/projects"))
+        await asyncio.to_thread(stack.processes["review"].terminate)
+        # The list still shows (queue sizes blank); the screen's API and the status page say who is down.
+        assert (await ann.get("/projects")).status_code == 200
+        api = await ann.post("/api/projects/mine/next", json={}, headers={"X-CSRF-Token": token})
+        assert api.status_code == 503 and api.json()["error"] == "unavailable"
+        page = await ann.get("/projects/mine")
+        assert page.status_code == 503
+        assert "Service down" in page.text and "review service" in page.text
+        assert "Traceback" not in page.text
+
+
+def test_rules_the_pages_rely_on() -> None:
+    from services.gen.tandem.review.v1 import review_pb2
+    from services.web.tasks import shortcuts, task_json
+    from services.web.views.manage import parse_labels
+
+    ordinary = review_pb2.Task(task_id="t", suggested_label="yes", confidence=0.9, reason="uncertain")
+    assert task_json(ordinary)["suggestion"] == {"label": "yes", "confidence": 0.9}
+    # Audits, second opinions and the control arm never show the model's answer.
+    for blind in (
+        review_pb2.Task(suggested_label="yes", reason="audit"),
+        review_pb2.Task(suggested_label="yes", reason="second_opinion", round=1),
+        review_pb2.Task(suggested_label="yes", reason="uncertain", round=1),
+        review_pb2.Task(suggested_label="yes", reason="control"),
+    ):
+        assert task_json(blind)["suggestion"] is None
+    keys = shortcuts(150)
+    assert keys[:10] == [*"123456789", "a"] and "s" not in keys and "u" not in keys and keys[-1] == ""
+    labels = parse_labels("billing: Invoices: charges and refunds\n\noutage\n")
+    assert [(lb.name, lb.description) for lb in labels] == [
+        ("billing", "Invoices: charges and refunds"),
+        ("outage", ""),
+    ]
+    with pytest.raises(ValueError, match="twice"):
+        parse_labels("a\na")
+
+
+async def test_csv_uploads_keep_quoted_newlines() -> None:
+    from services.gen.tandem.ingest.v1 import ingest_pb2 as pb
+    from services.web.uploads import ingest_file
+
+    class Chunks:
+        def __init__(self, data: bytes) -> None:
+            self._parts = [data[i : i + 7] for i in range(0, len(data), 7)]
+
+        async def read_chunk(self, size: int = 0) -> bytes:
+            return self._parts.pop(0) if self._parts else b""
+
+    sent: list[pb.RawItem] = []
+
+    async def submit(batch: pb.SubmitBatchRequest) -> pb.SubmitBatchResponse:
+        sent.extend(batch.items)
+        return pb.SubmitBatchResponse(accepted=len(batch.items))
+
+    data = 'id,text,lang\n1,"two\nlines, one ""quote""",en\n2,caf\xe9 \xff,fr\n'.encode("latin-1")
+    result = await ingest_file(
+        Chunks(data), filename="x.csv", project_id="p", submit=submit, batch_items=1, max_bytes=1 << 20
+    )
+    assert result.accepted == 2 and result.rejected == 0
+    assert sent[0].text == b'two\nlines, one "quote"' and dict(sent[0].metadata) == {"lang": "en"}
+    # Bytes that are not UTF-8 reach the service as they were, for it to judge.
+    assert sent[1].text == b"caf\xe9 \xff"
