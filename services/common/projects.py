@@ -40,6 +40,7 @@ class ProjectSpec:
     delta: float = 0.05
     human_error: float = 0.0
     created_by: str = ""
+    hide_suggestions: bool = False
 
     @property
     def label_names(self) -> list[str]:
@@ -64,6 +65,7 @@ class ProjectSpec:
             delta=p.delta or 0.05,
             human_error=p.human_error,
             created_by=p.created_by,
+            hide_suggestions=p.hide_suggestions,
         )
 
     def to_proto(self) -> projects_pb2.Project:
@@ -81,6 +83,7 @@ class ProjectSpec:
             delta=self.delta,
             human_error=self.human_error,
             created_by=self.created_by,
+            hide_suggestions=self.hide_suggestions,
         )
 
 

@@ -66,6 +66,7 @@ class ReviewDesk:
 
     async def task_message(self, task: Task) -> review_pb2.Task:
         project = await self._projects.get(task.project_id)
+        shown = service.shows_suggestion(task, project.hide_suggestions)
         return review_pb2.Task(
             task_id=task.task_id,
             item_id=task.item_id,
@@ -73,8 +74,8 @@ class ReviewDesk:
             external_id=task.external_id,
             text=task.text,
             labels=project.label_names,
-            suggested_label=task.suggested_label,
-            confidence=task.confidence,
+            suggested_label=task.suggested_label if shown else "",
+            confidence=task.confidence if shown else 0.0,
             reason=task.reason,
             lease_id=task.lease_id or "",
             lease_expires_unix_ms=int(task.lease_expires_at.timestamp() * 1000)
@@ -89,9 +90,16 @@ class ReviewDesk:
             requested, self._settings.lease_seconds, self._settings.max_lease_seconds
         )
 
-    async def claim(self, project_id: str, annotator_id: str, lease_seconds: float) -> Task | None:
+    async def claim(self, request: review_pb2.NextTaskRequest, annotator_id: str) -> Task | None:
         async with self.pool.acquire() as conn:
-            return await repo.claim_next(conn, project_id, annotator_id, self.lease_for(lease_seconds))
+            return await repo.claim_next(
+                conn,
+                request.project_id,
+                annotator_id,
+                self.lease_for(request.lease_seconds),
+                second_opinions_only=request.second_opinions_only,
+                include_skipped=request.include_skipped,
+            )
 
     async def submit(self, request: review_pb2.SubmitLabelRequest, annotator_id: str) -> bool:
         """True when the label is recorded, False for a retry of the caller's accepted submit."""
@@ -123,7 +131,9 @@ class ReviewDesk:
             task, now = await _lock(conn, request.task_id)
             service.check_lease(task, LeaseClaim(annotator_id, request.lease_id, now))
             after = service.state_after_lease(task)
-            await repo.release(conn, task.task_id, after, skipped=True)
+            await repo.release(conn, task.task_id, after, skipped=not request.release)
+            if not request.release:
+                await repo.record_skip(conn, task.task_id, annotator_id, request.reason)
         if after is State.WITHDRAWN:
             WITHDRAWN.inc()
 
@@ -225,7 +235,7 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
         self._desk = desk
 
     async def NextTask(self, request: review_pb2.NextTaskRequest, context: Context) -> review_pb2.Task:
-        task = await self._desk.claim(request.project_id, caller().user_id, request.lease_seconds)
+        task = await self._desk.claim(request, caller().user_id)
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no task waiting for you in this project")
         return await self._desk.task_message(task)

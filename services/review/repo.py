@@ -109,16 +109,26 @@ async def withdraw(conn: asyncpg.Connection, project_id: str, item_ids: Sequence
 
 
 async def claim_next(
-    conn: asyncpg.Connection, project_id: str, annotator_id: str, lease_seconds: float
+    conn: asyncpg.Connection,
+    project_id: str,
+    annotator_id: str,
+    lease_seconds: float,
+    *,
+    second_opinions_only: bool = False,
+    include_skipped: bool = False,
 ) -> Task | None:
     row = await conn.fetchrow(
         "WITH next AS ("
         " SELECT t0.task_id FROM review.tasks t0 WHERE t0.project_id = $1 AND t0.state = 'open'"
+        " AND t0.round >= $5"
         # A second opinion must come from someone who has not labeled the item in another round
         # (service.labeled_other_round, checked again at submit).
         " AND NOT EXISTS (SELECT 1 FROM review.annotations a"
         "  JOIN review.tasks p ON p.task_id = a.task_id WHERE p.item_id = t0.item_id AND p.round <> t0.round"
         "  AND a.annotator_id = $3)"
+        # What a person skipped goes to someone else (unless they ask for it back).
+        " AND ($6 OR NOT EXISTS (SELECT 1 FROM review.skips s WHERE s.task_id = t0.task_id"
+        "  AND s.annotator_id = $3))"
         " ORDER BY t0.priority DESC, t0.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
         " UPDATE review.tasks t SET state = 'leased', lease_id = $2, lease_owner = $3,"
         " lease_expires_at = now() + make_interval(secs => $4), updated_at = now()"
@@ -127,8 +137,20 @@ async def claim_next(
         uuid.uuid4(),
         annotator_id,
         lease_seconds,
+        1 if second_opinions_only else 0,
+        include_skipped,
     )
     return _task(row) if row is not None else None
+
+
+async def record_skip(conn: asyncpg.Connection, task_id: str, annotator_id: str, reason: str) -> None:
+    await conn.execute(
+        "INSERT INTO review.skips (task_id, annotator_id, reason) VALUES ($1, $2, $3)"
+        " ON CONFLICT (task_id, annotator_id) DO UPDATE SET skipped_at = now(), reason = EXCLUDED.reason",
+        uuid.UUID(task_id),
+        annotator_id,
+        reason[:200],
+    )
 
 
 async def lock_task(conn: asyncpg.Connection, task_id: str) -> tuple[Task, datetime] | None:

@@ -163,3 +163,11 @@ def lease_seconds(requested: float, default: float, maximum: float) -> float:
     if not requested > 0:  # also NaN
         return min(default, maximum)
     return min(requested, maximum)
+
+
+# Tasks that measure the model or a person: a suggestion would anchor the answer on what is measured.
+BLIND_REASONS = frozenset({"audit", "second_opinion", "control", "gold"})
+
+
+def shows_suggestion(task: Task, project_hides_suggestions: bool) -> bool:
+    return not project_hides_suggestions and task.round == 0 and task.reason not in BLIND_REASONS

@@ -4,6 +4,7 @@ expiry, once-only labels, second opinions, withdrawal in any order, tokens."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -383,3 +384,112 @@ async def test_nobody_gives_the_second_opinion_on_their_own_label(review: Review
 
     stats = await review.stats_until(lambda s: s.done == 4)
     assert (stats.open, stats.leased, stats.done) == (0, 2, 4)  # the refused ones still wait, unanswered
+
+
+async def test_a_skipped_task_goes_to_others_not_back_to_the_skipper(review: Review) -> None:
+    ann, _ = await review.person("ann")
+    bob, _ = await review.person("bob")
+    ids, batch = _tasks(0.9, 0.5)
+    await review.publish(batch)
+    first = await _next(ann)
+    assert first.item_id == ids[0]
+    await ann.review.SkipTask(review_pb2.SkipTaskRequest(task_id=first.task_id, lease_id=first.lease_id))
+    # The skipper gets the next task, not the one they skipped, although it ranks first…
+    after = await _next(ann)
+    assert after.item_id == ids[1]
+    await ann.review.SubmitLabel(_submit(after))
+    assert await _refused(ann.review.NextTask(review_pb2.NextTaskRequest(project_id="rv"))) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    # …unless they ask for their skipped tasks back; someone else gets it anyway.
+    again = await ann.review.NextTask(review_pb2.NextTaskRequest(project_id="rv", include_skipped=True))
+    assert again.item_id == ids[0]
+    # Giving a task back (leaving the screen) is not a skip: it may come back to them.
+    await ann.review.SkipTask(
+        review_pb2.SkipTaskRequest(task_id=again.task_id, lease_id=again.lease_id, release=True)
+    )
+    assert (await _next(bob)).item_id == ids[0]
+
+
+async def test_second_opinion_mode_and_hidden_suggestions(review: Review, js: JetStreamContext) -> None:
+    reviewer, _ = await review.person("rev", role=Role.REVIEWER)
+    first_item, second_item = str(uuid.uuid4()), str(uuid.uuid4())
+    ordinary = tasks_pb2.ReviewTask(
+        item_id=first_item,
+        project_id="rv",
+        external_id="a",
+        text="a",
+        priority=0.9,
+        suggested_label="yes",
+        confidence=0.8,
+        reason="uncertain",
+    )
+    audit = tasks_pb2.ReviewTask(
+        item_id=second_item,
+        project_id="rv",
+        external_id="b",
+        text="b",
+        priority=0.5,
+        suggested_label="no",
+        confidence=0.99,
+        reason="audit",
+    )
+    opinion = tasks_pb2.ReviewTask(
+        item_id=second_item,
+        project_id="rv",
+        external_id="b",
+        text="b",
+        priority=0.1,
+        round=1,
+        suggested_label="no",
+        confidence=0.99,
+        reason="second_opinion",
+    )
+    await review.publish(_batch(ordinary, audit, opinion))
+    # Second-opinion mode skips the more urgent ordinary tasks.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            task = await reviewer.review.NextTask(
+                review_pb2.NextTaskRequest(project_id="rv", second_opinions_only=True), timeout=5
+            )
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert task.round == 1 and task.item_id == second_item
+    # Blind: second opinions and audits never carry the model's suggestion; ordinary tasks do.
+    assert not task.suggested_label and task.confidence == 0
+    plain = await _next(reviewer)
+    assert plain.reason == "uncertain" and plain.suggested_label == "yes"
+    audited = await _next(reviewer)
+    assert audited.reason == "audit" and not audited.suggested_label
+    # A project that hides suggestions hides them on every task.
+    await ProjectDirectory(js).put(dataclasses.replace(OTHER, hide_suggestions=True))
+    ann, _ = await review.person("ann", projects=["other"])
+    await review.publish(
+        tasks_pb2.ReviewTaskBatch(
+            batch_id=str(uuid.uuid4()),
+            project_id="other",
+            tasks=[
+                tasks_pb2.ReviewTask(
+                    item_id=str(uuid.uuid4()),
+                    project_id="other",
+                    external_id="c",
+                    text="c",
+                    suggested_label="a",
+                    confidence=0.7,
+                    reason="uncertain",
+                )
+            ],
+        )
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            hidden = await ann.review.NextTask(review_pb2.NextTaskRequest(project_id="other"), timeout=5)
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert not hidden.suggested_label and hidden.confidence == 0

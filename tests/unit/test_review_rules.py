@@ -20,6 +20,7 @@ from services.review.service import (
     check_submit,
     labeled_other_round,
     lease_seconds,
+    shows_suggestion,
     state_after_lease,
 )
 
@@ -162,3 +163,21 @@ def test_lease_seconds(requested: float, expected: float) -> None:
 
 def test_every_refusal_has_a_status() -> None:
     assert set(STATUS_OF) == set(Reason)
+
+
+@pytest.mark.parametrize(
+    ("reason", "round_", "project_hides", "shown"),
+    [
+        ("uncertain", 0, False, True),
+        ("warmup", 0, False, True),
+        ("uncertain", 0, True, False),
+        ("audit", 0, False, False),
+        ("control", 0, False, False),
+        ("second_opinion", 1, False, False),
+        ("uncertain", 1, False, False),
+    ],
+)
+def test_the_suggestion_is_shown_only_where_it_cannot_bias_a_measurement(
+    reason: str, round_: int, project_hides: bool, shown: bool
+) -> None:
+    assert shows_suggestion(replace(OPEN, reason=reason, round=round_), project_hides) is shown
