@@ -46,6 +46,7 @@ def load_project(path: Path) -> projects_pb2.Project:
             guarantee=str(data.get("guarantee") or ""),
             delta=float(data.get("delta") or 0.0),
             human_error=float(data.get("human_error") or 0.0),
+            hide_suggestions=bool(data.get("hide_suggestions") or False),
             labels=[
                 projects_pb2.LabelDef(name=str(lb["name"]), description=str(lb.get("description") or ""))
                 if isinstance(lb, dict)
