@@ -11,7 +11,7 @@ from typing import Any, Self
 
 import grpc
 
-from services.common.auth import BearerAuth
+from services.common.auth import bearer_interceptors
 from services.gen.tandem.export.v1 import export_pb2_grpc
 from services.gen.tandem.identity.v1 import identity_pb2_grpc
 from services.gen.tandem.ingest.v1 import ingest_pb2_grpc
@@ -42,7 +42,7 @@ def channel(target: str, token: str | None = None) -> grpc.aio.Channel:
     """A channel that retries UNAVAILABLE, carries the token on every call, and speaks TLS when
     TANDEM_TLS_CA_FILE names the CA that signed the services' certificate."""
     opts = [("grpc.service_config", _RETRY), ("grpc.max_receive_message_length", 64 << 20)]
-    interceptors: Any = [BearerAuth(token)] if token else None
+    interceptors: Any = bearer_interceptors(token) if token else None
     ca = os.environ.get("TANDEM_TLS_CA_FILE")
     if ca:
         credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes())

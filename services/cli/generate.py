@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import grpc
-
-from services.cli.client import Clients
+from services.cli.client import Clients, channel
 from services.gen.tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.gen.tandem.ingest.v1 import ingest_pb2
 
@@ -52,8 +50,8 @@ async def generate_examples(
     temperature: float = 0.0,
 ) -> GenerateResult:
     """Asks the inference service for `count` examples of `label` and ingests them."""
-    async with grpc.aio.insecure_channel(inference_target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    async with channel(inference_target, clients.token) as inference:
+        stub = inference_pb2_grpc.InferenceServiceStub(inference)
         response = await stub.GenerateExamples(
             inference_pb2.GenerateExamplesRequest(
                 project_id=project_id, label=label, count=count, seed=seed, temperature=temperature

@@ -12,7 +12,7 @@ import asyncpg
 import grpc
 from prometheus_client import Counter
 
-from services.common.auth import IdentityView, caller, require_project
+from services.common.auth import IdentityView, caller, may_access
 from services.common.bus.outbox import OutboxRelay, Outgoing
 from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory, ProjectSpec
@@ -226,10 +226,24 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         mine = [p for p in projects if me.member_of(p.project_id) or p.created_by == me.user_id]
         return ingest_pb2.ListProjectsResponse(projects=mine)
 
-    async def _may_ingest(self, items: Sequence[RawItem], context: Context) -> None:
-        # Items may name their own project: every project named must be the caller's.
-        for project_id in sorted({it.project_id for it in items}):
-            await require_project(context, project_id, self._view)
+    async def _submit(self, default_project: str, raw: Sequence[RawItem]) -> list[ItemAnswer]:
+        """Items may name their own project: those naming one the caller may not use are
+        rejected one by one (the rest of the batch goes in, as for any other bad item)."""
+        me = caller()
+        named = {it.project_id for it in raw}
+        denied = {p for p in named if not await may_access(self._view, me, p)}
+        allowed = [it for it in raw if it.project_id not in denied]
+        answers = iter(await self._ingestor.submit(default_project, allowed) if allowed else [])
+        return [
+            ItemAnswer(
+                it.external_id,
+                Outcome.REJECTED,
+                reason=f"unknown project {it.project_id!r}, or {me.user_id} is not a member of it",
+            )
+            if it.project_id in denied
+            else next(answers)
+            for it in raw
+        ]
 
     async def SubmitBatch(
         self, request: ingest_pb2.SubmitBatchRequest, context: Context
@@ -239,9 +253,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(request.items)} items in one request; the limit is {self._settings.max_items_per_request}",
             )
-        raw = _raw_items(request)
-        await self._may_ingest(raw, context)
-        answers = await self._ingestor.submit(request.project_id, raw)
+        answers = await self._submit(request.project_id, _raw_items(request))
         return ingest_pb2.SubmitBatchResponse(
             results=[_result(a) for a in answers],
             accepted=sum(a.outcome is Outcome.ACCEPTED for a in answers),
@@ -260,9 +272,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, "a stream message exceeds the item limit"
                 )
-            raw = _raw_items(request)
-            await self._may_ingest(raw, context)
-            for answer in await self._ingestor.submit(request.project_id, raw):
+            for answer in await self._submit(request.project_id, _raw_items(request)):
                 if answer.outcome is Outcome.ACCEPTED:
                     response.accepted += 1
                 elif answer.outcome is Outcome.DUPLICATE:

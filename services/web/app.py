@@ -13,6 +13,7 @@ from services.web.render import STATIC, environment
 from services.web.session import Csrf, Sessions
 from services.web.settings import WebSettings
 from services.web.state import STATE, WebState
+from services.web.throughput import Throughput
 from services.web.views import annotate, api, auth, manage, people
 
 
@@ -29,6 +30,7 @@ def create_app(settings: WebSettings, backends: Backends, *, tls: bool) -> web.A
         csrf=Csrf(settings.secret.get_secret_value().encode()),
         sessions=Sessions(settings.principal_cache_seconds),
         progress=Progress(),
+        throughput=Throughput(),
         secure_cookies=tls if settings.cookie_secure is None else settings.cookie_secure,
     )
     app.on_response_prepare.append(middleware.security_headers)

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from services.common.auth import Principal, Role, token_digest
@@ -65,9 +65,10 @@ def principal_of(message: identity_pb2.Principal) -> Principal:
 class SessionState:
     principal: Principal
     fetched: float
-    # Tasks this session skipped: NextTask may hand one straight back, and the screen should
-    # not show a person what they just skipped.
-    skipped: deque[str] = field(default_factory=lambda: deque(maxlen=256))
+    # Skips per project in this session. The review service never hands a person a task they
+    # skipped (unless asked to) and cannot cheaply say whether any are left: this only decides
+    # whether an empty queue offers "show the tasks I skipped".
+    skips: Counter[str] = field(default_factory=Counter)
 
 
 class Sessions:

@@ -15,6 +15,7 @@ from services.web.progress import Progress
 from services.web.render import page
 from services.web.session import Csrf, Sessions, SessionState
 from services.web.settings import WebSettings
+from services.web.throughput import Throughput
 
 
 @dataclass
@@ -25,6 +26,7 @@ class WebState:
     csrf: Csrf
     sessions: Sessions
     progress: Progress
+    throughput: Throughput
     secure_cookies: bool
 
 

@@ -12,8 +12,18 @@ from services.gen.tandem.review.v1 import review_pb2
 RESERVED_KEYS = frozenset("su")
 SHORTCUT_KEYS = tuple("123456789") + tuple(c for c in string.ascii_lowercase if c not in RESERVED_KEYS)
 # Audits measure the model and second opinions check a person: a suggestion would anchor the
-# answer on exactly what is being measured. The control arm measures people without the model.
-_BLIND_REASONS = ("audit", "second_opinion", "second opinion", "label_error", "label-error", "control")
+# answer on exactly what is being measured. The control arm and gold items measure people without
+# the model. The review service blanks the suggestion on these (and on every task of a project
+# that hides suggestions); this is a second guard, should a task ever arrive with one.
+_BLIND_REASONS = (
+    "audit",
+    "second_opinion",
+    "second opinion",
+    "label_error",
+    "label-error",
+    "control",
+    "gold",
+)
 
 
 def shortcuts(count: int) -> list[str]:

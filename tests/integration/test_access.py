@@ -133,11 +133,20 @@ async def test_roles_and_memberships_are_enforced_by_every_service(world: World)
     )
     # Someone else's project: not even its existence is confirmed by a second create.
     assert await _code(mgr.ingest.CreateProject(_project("p2"))) == grpc.StatusCode.ALREADY_EXISTS
-    # Items may name their own project: each one is checked.
+    # Items may name their own project: each one is checked, and refused alone.
     smuggled = ingest_pb2.SubmitBatchRequest(
-        project_id="p1", items=[ingest_pb2.RawItem(external_id="x", text=b"sneaky", project_id="p2")]
+        project_id="p1",
+        items=[
+            ingest_pb2.RawItem(external_id="x", text=b"sneaky", project_id="p2"),
+            ingest_pb2.RawItem(external_id="y", text=b"a fine text for p1"),
+        ],
     )
-    assert await _code(mgr.ingest.SubmitBatch(smuggled)) == grpc.StatusCode.PERMISSION_DENIED
+    answer = await mgr.ingest.SubmitBatch(smuggled)
+    assert [r.outcome for r in answer.results] == [
+        ingest_pb2.ITEM_OUTCOME_REJECTED,
+        ingest_pb2.ITEM_OUTCOME_ACCEPTED,
+    ]
+    assert "not a member" in answer.results[0].reason
 
     await world.user("ann", identity_pb2.ROLE_ANNOTATOR, [])
     await mgr.identity.AddMember(identity_pb2.AddMemberRequest(project_id="p1", user_id="ann"))

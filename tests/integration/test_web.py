@@ -1,4 +1,5 @@
-"""The web app on the real services: login, CSRF, per-person project lists, 403s, upload, logout.
+"""The web app on the real services: login, CSRF, per-person project lists, 403s, upload, logout,
+second-opinion mode, the suggestion setting, the status page's charts.
 
 The app is a client of the services like any other, so these tests check what a browser sees:
 pages and redirects, cookies, and the JSON API of the labeling screen.
@@ -118,8 +119,26 @@ async def test_login_pages_csrf_and_logout(stack: Stack) -> None:
         # With it: the labeling screen's API works (no task yet: nothing was pre-labeled).
         empty = await ann.post("/api/projects/mine/next", json={}, headers={"X-CSRF-Token": token})
         assert empty.status_code == 200 and empty.json()["task"] is None
+        assert empty.json()["skipped_before"] is False
         label_page = await ann.get("/projects/mine/label")
         assert label_page.status_code == 200 and 'data-key="1"' in label_page.text
+        assert "Second opinions only" not in label_page.text
+        # Second-opinion mode: the screen says so and its claims carry the flag, which the
+        # review service takes (nothing waits here); so does "show the tasks I skipped".
+        second_page = await ann.get("/projects/mine/label?mode=second")
+        assert second_page.status_code == 200 and "Second opinions only" in second_page.text
+        assert "&#34;second_opinions_only&#34;: true" in second_page.text
+        for flags in (
+            {"second_opinions_only": True},
+            {"include_skipped": True},
+            {"second_opinions_only": True, "include_skipped": True},
+        ):
+            answer = await ann.post("/api/projects/mine/next", json=flags, headers={"X-CSRF-Token": token})
+            assert answer.status_code == 200 and answer.json()["task"] is None, flags
+        refused = await ann.post(
+            "/api/projects/mine/next", json={"second_opinions_only": "yes"}, headers={"X-CSRF-Token": token}
+        )
+        assert refused.status_code == 400 and "second_opinions_only" in refused.json()["message"]
 
         # Logout ends the session at the services: the old cookie no longer opens anything.
         old = ann.cookies["tandem_session"]
@@ -135,6 +154,35 @@ async def test_login_pages_csrf_and_logout(stack: Stack) -> None:
 async def test_manager_uploads_and_sees_the_result(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.web_url, timeout=30) as boss:
         assert (await _login(boss, "boss")).status_code == 303
+        # The suggestion setting: ticked by default, and an unticked box (absent from the post)
+        # creates a project that hides the model's suggestion.
+        form_page = await boss.get("/projects/new")
+        assert re.search(r'name="show_suggestions" value="on"\s+checked', form_page.text), form_page.text
+        for project_id, shown in (("quiet", False), ("shown", True)):
+            fields = {
+                "csrf": _csrf(form_page),
+                "project_id": project_id,
+                "labels": "yes\nno",
+                "target_accuracy": "0.95",
+                "guarantee": "dataset",
+            }
+            if shown:
+                fields["show_suggestions"] = "on"
+            created = await boss.post("/projects/new", data=fields)
+            assert created.status_code == 303 and created.headers["location"] == f"/projects/{project_id}"
+        async with Clients(stack.targets, token=stack.admin_token) as admin:
+            for project_id, hidden in (("quiet", True), ("shown", False)):
+                project = await admin.ingest.GetProject(ingest_pb2.GetProjectRequest(project_id=project_id))
+                assert project.hide_suggestions is hidden, project_id
+        quiet = await boss.get("/projects/quiet")
+        assert "suggestion is hidden from annotators" in quiet.text
+        assert "see the model&#39;s suggestion" in (await boss.get("/projects/shown")).text
+        # The throughput chart fills in while the page is open; the accuracy rows are there at once.
+        assert 'id="throughput-empty"' in quiet.text and "Audited accuracy" in quiet.text
+
+        # A manager sees second-opinion mode offered on the reviewer's page; an annotator does not.
+        review = await boss.get("/review")
+        assert review.status_code == 200 and 'href="/projects/mine/label?mode=second"' in review.text
         page = await boss.get("/projects/mine/upload")
         assert page.status_code == 200
         token = _csrf(page)
@@ -163,6 +211,7 @@ async def test_manager_uploads_and_sees_the_result(stack: Stack) -> None:
 
         status = await boss.get("/projects/mine")
         assert status.status_code == 200 and "Ingested" in status.text
+        assert "Annotators see the model" in status.text
         members = await boss.get("/projects/mine/members")
         assert members.status_code == 200 and "ann" in members.text
 
@@ -171,6 +220,8 @@ async def test_a_service_down_gets_a_clear_page_not_a_trace(stack: Stack) -> Non
     async with httpx.AsyncClient(base_url=stack.web_url, timeout=30) as ann:
         assert (await _login(ann, "ann")).status_code == 303
         token = _csrf(await ann.get("/projects"))
+        review = await ann.get("/review")
+        assert review.status_code == 200 and "mode=second" not in review.text
         await asyncio.to_thread(stack.processes["review"].terminate)
         # The list still shows (queue sizes blank); the screen's API and the status page say who is down.
         assert (await ann.get("/projects")).status_code == 200
@@ -195,6 +246,7 @@ def test_rules_the_pages_rely_on() -> None:
         review_pb2.Task(suggested_label="yes", reason="second_opinion", round=1),
         review_pb2.Task(suggested_label="yes", reason="uncertain", round=1),
         review_pb2.Task(suggested_label="yes", reason="control"),
+        review_pb2.Task(suggested_label="yes", reason="gold"),
     ):
         assert task_json(blind)["suggestion"] is None
     keys = shortcuts(150)
@@ -206,6 +258,59 @@ def test_rules_the_pages_rely_on() -> None:
     ]
     with pytest.raises(ValueError, match="twice"):
         parse_labels("a\na")
+    # A task the review service sent without a suggestion shows none.
+    assert task_json(review_pb2.Task(task_id="t", reason="uncertain"))["suggestion"] is None
+
+
+def test_throughput_sampling_and_charts() -> None:
+    from services.gen.tandem.stats.v1 import stats_pb2
+    from services.web.charts import accuracy_chart, throughput_chart
+    from services.web.throughput import Throughput, rates
+
+    now = [0.0]
+    ring = Throughput(window=600, capacity=2, clock=lambda: now[0])
+    samples = ring.record("p", 0, 0)
+    assert throughput_chart(samples) is None  # nothing to draw from a single point
+    for step in range(1, 400):
+        now[0] = step * 5.0
+        # Two viewers refreshing at once add one point between them.
+        ring.record("p", 12 * step, 6 * step)
+        samples = ring.record("p", 12 * step, 6 * step)
+    assert len(samples) == 121 and samples[0].at == now[0] - 600  # bounded by the window
+    (segment,) = rates(samples)
+    assert segment[-1].final_per_minute == pytest.approx(144) and segment[
+        -1
+    ].human_per_minute == pytest.approx(72)
+    chart = throughput_chart(samples)
+    assert chart is not None and chart.minutes == 10 and [t.label for t in chart.y_ticks][-1] == "150"
+    assert chart.x_ticks[0].label == "now" and chart.x_ticks[-1].label == "−10 min"
+    # Nobody watching for a while: the line breaks instead of averaging over the gap.
+    now[0] += 300
+    samples = ring.record("p", 99_999, 99_999)
+    for step in range(1, 6):
+        now[0] += 5
+        samples = ring.record("p", 99_999 + step, 99_999)
+    assert len(rates(samples)) == 2
+    # The least recently watched project is forgotten first.
+    ring.record("q", 0, 0)
+    ring.record("r", 0, 0)
+    assert len(ring.record("p", 0, 0)) == 1
+
+    assert accuracy_chart(stats_pb2.ScorerStats(), 0.95) is None
+    scorer = stats_pb2.ScorerStats(
+        estimated_accuracy=0.97,
+        certified_accuracy=0.955,
+        audited=40,
+        audit_accuracy=0.9,
+        audit_accuracy_low=0.77,
+        audit_accuracy_high=0.96,
+    )
+    accuracy = accuracy_chart(scorer, 0.95)
+    assert accuracy is not None and len(accuracy.rows) == 2
+    assert accuracy.x_ticks[0].label == "75%" and accuracy.x_ticks[-1].label == "100%"
+    (_, estimated), (_, audited) = accuracy.rows
+    assert audited.low is not None and audited.high is not None
+    assert audited.low < audited.point < audited.high and estimated.high == accuracy.plot.right
 
 
 async def test_csv_uploads_keep_quoted_newlines() -> None:

@@ -12,6 +12,10 @@
   const activeWindowMs = config.idle_seconds * 1000;
   const extendBelowMs = 120 * 1000;
   const emptyRetryMs = 10 * 1000;
+  // ?mode=second: only second opinions are claimed.
+  const secondOnly = Boolean(config.second_opinions_only);
+  const nothingWaits = (secondOnly ? "No second opinion" : "No task")
+    + " is waiting in this project right now. This page looks again every 10 seconds.";
   const $ = (id) => document.getElementById(id);
   const els = {
     meta: $("task-meta"), kind: $("task-kind"), synthetic: $("task-synthetic"), external: $("task-external"),
@@ -28,6 +32,9 @@
   const ahead = []; // tasks claimed in advance, not shown yet
   let claiming = null; // the claim in flight, if any
   let drained = false; // the queue answered empty: wait before asking again
+  // The review service never hands a person a task they skipped, unless asked: the person asked
+  // (the "show the tasks I skipped" button), until they skip again or nothing is left.
+  let withSkipped = false;
   let pending = null; // {entry, label, spent, timer, ticker, deadline}: submitted, not yet sent
   let selected = -1;
   let clockOffset = 0; // server clock minus ours, for lease deadlines
@@ -82,19 +89,22 @@
 
   // --- the queue -------------------------------------------------------------------------------
 
-  function claim(includeSkipped) {
+  function claim() {
     if (claiming) return claiming;
-    claiming = api("/api/projects/" + encodeURIComponent(config.project_id) + "/next",
-      includeSkipped ? { include_skipped: true } : {})
+    const body = {};
+    if (secondOnly) body.second_opinions_only = true;
+    if (withSkipped) body.include_skipped = true;
+    claiming = api("/api/projects/" + encodeURIComponent(config.project_id) + "/next", body)
       .then((data) => {
         if (data.task) {
           ahead.push({ task: data.task, shownAt: 0, spent: 0 });
         } else {
           drained = true;
-          els.showSkipped.hidden = !data.only_skipped;
-          els.emptyText.textContent = data.only_skipped
-            ? "Only tasks you skipped are left in this project."
-            : "No task is waiting in this project right now. This page looks again every 10 seconds.";
+          withSkipped = false;
+          els.showSkipped.hidden = !data.skipped_before;
+          els.emptyText.textContent = data.skipped_before
+            ? "Nothing new is waiting for you in this project. Tasks you skipped go to others, and come back to you only if you ask."
+            : nothingWaits;
           setTimeout(() => { drained = false; if (!current) advance(); else fillAhead(); }, emptyRetryMs);
         }
       })
@@ -108,14 +118,11 @@
   }
 
   function fillAhead() {
-    if (!drained && ahead.length === 0 && !claiming) claim(false);
+    if (!drained && ahead.length === 0 && !claiming) claim();
   }
 
-  async function advance(includeSkipped) {
-    if (ahead.length === 0) {
-      if (includeSkipped) drained = false;
-      if (!drained) await claim(includeSkipped);
-    }
+  async function advance() {
+    if (ahead.length === 0 && !drained) await claim();
     if (current) return; // an undo brought a task back meanwhile
     const entry = ahead.shift();
     if (!entry) {
@@ -216,7 +223,7 @@
     pending.ticker = setInterval(showUndo, 250);
     showUndo();
     current = null;
-    advance(false);
+    advance();
   }
 
   function showUndo() {
@@ -272,12 +279,21 @@
     if (!current) return;
     const task = current.task;
     current = null;
+    withSkipped = false;
     notify("");
-    const skipped = api("/api/tasks/" + encodeURIComponent(task.task_id) + "/skip", { lease_id: task.lease_id })
+    const skipped = api("/api/tasks/" + encodeURIComponent(task.task_id) + "/skip", {
+      lease_id: task.lease_id, project_id: task.project_id,
+    })
       .then((data) => showProgress(data.progress))
       .catch((error) => notify("Skipping item " + task.external_id + " failed: " + error.message));
-    await advance(false);
+    // The task claimed ahead is on screen at once; the next claim waits until the skip is
+    // recorded, so that an empty answer knows to offer the skipped task back.
+    const next = ahead.shift();
+    if (next) show(next);
     await skipped;
+    drained = false;
+    if (current) fillAhead();
+    else await advance();
   }
 
   // --- leases ----------------------------------------------------------------------------------
@@ -364,7 +380,12 @@
   els.confirm.addEventListener("click", confirm);
   els.skip.addEventListener("click", skip);
   els.undo.addEventListener("click", undo);
-  els.showSkipped.addEventListener("click", () => { els.showSkipped.hidden = true; advance(true); });
+  els.showSkipped.addEventListener("click", () => {
+    els.showSkipped.hidden = true;
+    withSkipped = true;
+    drained = false;
+    advance();
+  });
   $("help-open").addEventListener("click", () => toggleHelp(true));
   $("help-close").addEventListener("click", () => toggleHelp(false));
   if (els.filter) els.filter.addEventListener("input", filterLabels);
@@ -392,5 +413,5 @@
   });
 
   setInterval(keepLeases, 15 * 1000);
-  advance(false);
+  advance();
 })();

@@ -70,7 +70,15 @@ async def label_screen(request: web.Request) -> web.StreamResponse:
         {"index": i, "name": lb.name, "description": lb.description, "key": keys[i]}
         for i, lb in enumerate(project.labels)
     ]
-    config = {"project_id": project.project_id, "idle_seconds": IDLE_SECONDS, "undo_seconds": UNDO_SECONDS}
+    # ?mode=second: second opinions only (round ≥ 1), for reviewers working through them; the
+    # ordinary queue serves them first anyway.
+    second = request.query.get("mode") == "second"
+    config = {
+        "project_id": project.project_id,
+        "idle_seconds": IDLE_SECONDS,
+        "undo_seconds": UNDO_SECONDS,
+        "second_opinions_only": second,
+    }
     today = app_state(request).progress.today(who.user_id)
     return render(
         request,
@@ -81,6 +89,7 @@ async def label_screen(request: web.Request) -> web.StreamResponse:
         config=json.dumps(config),
         today=today,
         undo_seconds=UNDO_SECONDS,
+        second=second,
     )
 
 

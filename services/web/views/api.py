@@ -1,12 +1,11 @@
 """The labeling screen's JSON API: claim the next task, submit, skip, extend, release.
 
-Each handler is one gRPC call on the person's own token (two when NextTask hands back a task
-this session skipped), so the path stays at a few milliseconds in the app.
+Each handler is one gRPC call on the person's own token, so the path stays at a few
+milliseconds in the app.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -20,11 +19,9 @@ from services.web.metrics import LABELS
 from services.web.state import app_state, auth, principal, session
 from services.web.tasks import now_ms, task_json
 
-# A skipped task is open again at once with its old priority, so NextTask hands it straight back
-# to whoever asks next, the person who skipped it included. Such a task is held while the next
-# one is claimed (a held task is not offered again) and given back afterwards; past this many in a
-# row the person is told only skipped tasks are left.
-SKIP_RETRIES = 5
+# Projects counted per session for the "show the tasks I skipped" offer: the project id comes
+# from the browser, so the count of distinct ones is capped.
+MAX_SKIP_PROJECTS = 100
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -52,49 +49,45 @@ def _may_label(request: web.Request) -> None:
         raise forbidden(f"A {who.role} may not label.")
 
 
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false.")
+    return value
+
+
 async def next_task(request: web.Request) -> web.StreamResponse:
+    """The next task for this person. The review service never hands a person a task they skipped
+    unless `include_skipped` is set; `second_opinions_only` limits the queue to round ≥ 1."""
     _may_label(request)
     st, project_id = app_state(request), request.match_info["project_id"]
-    skipped = session(request).skipped
+    skips = session(request).skips
     body = await _body(request)
     lease_seconds = body.get("lease_seconds", 0)
     if not isinstance(lease_seconds, int | float) or not 0 <= lease_seconds <= 3600:
         raise bad_request("lease_seconds must be between 0 and 3600.")
-    if body.get("include_skipped") is True:
-        skipped.clear()
-    held: list[review_pb2.Task] = []
+    include_skipped = _flag(body, "include_skipped")
+    second_only = _flag(body, "second_opinions_only")
     try:
-        for _ in range(SKIP_RETRIES + 1):
-            try:
-                task = await st.backends.review.NextTask(
-                    review_pb2.NextTaskRequest(project_id=project_id, lease_seconds=float(lease_seconds)),
-                    **auth(request),
-                )
-            except grpc.aio.AioRpcError as error:
-                if error.code() is grpc.StatusCode.NOT_FOUND:
-                    return web.json_response(
-                        {"task": None, "only_skipped": bool(held), "server_ms": now_ms()}
-                    )
-                raise
-            if task.task_id not in skipped:
-                return web.json_response({"task": task_json(task), "server_ms": now_ms()})
-            held.append(task)
-        return web.json_response({"task": None, "only_skipped": True, "server_ms": now_ms()})
-    finally:
-        await _give_back(request, held)
-
-
-async def _give_back(request: web.Request, tasks: list[review_pb2.Task]) -> None:
-    review = app_state(request).backends.review
-    for task in tasks:
-        # Best effort: a task not given back returns to the queue when its lease runs out.
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await review.SkipTask(
-                review_pb2.SkipTaskRequest(
-                    task_id=task.task_id, lease_id=task.lease_id, reason="skipped earlier"
-                ),
-                **auth(request),
-            )
+        task = await st.backends.review.NextTask(
+            review_pb2.NextTaskRequest(
+                project_id=project_id,
+                lease_seconds=float(lease_seconds),
+                second_opinions_only=second_only,
+                include_skipped=include_skipped,
+            ),
+            **auth(request),
+        )
+    except grpc.aio.AioRpcError as error:
+        if error.code() is not grpc.StatusCode.NOT_FOUND:
+            raise
+        if include_skipped and not second_only:
+            # Nothing at all waits, skipped tasks included: no offer to show them until the next skip.
+            skips.pop(project_id, None)
+        return web.json_response(
+            {"task": None, "skipped_before": skips[project_id] > 0, "server_ms": now_ms()}
+        )
+    return web.json_response({"task": task_json(task), "server_ms": now_ms()})
 
 
 async def submit(request: web.Request) -> web.StreamResponse:
@@ -131,19 +124,22 @@ async def skip(request: web.Request) -> web.StreamResponse:
         ),
         **auth(request),
     )
-    session(request).skipped.append(task_id)
+    project_id = body.get("project_id")
+    skips = session(request).skips
+    if isinstance(project_id, str) and (project_id in skips or len(skips) < MAX_SKIP_PROJECTS):
+        skips[project_id] += 1
     day = st.progress.skipped(principal(request).user_id)
     return web.json_response({"skipped": True, "progress": day.as_json()})
 
 
 async def release(request: web.Request) -> web.StreamResponse:
     """Tasks the screen held when the person left: back to the queue at once rather than when
-    their leases run out."""
+    their leases run out. Not a skip: the person may be handed them again."""
     _may_label(request)
     task_id = request.match_info["task_id"]
     body = await _body(request)
     await app_state(request).backends.review.SkipTask(
-        review_pb2.SkipTaskRequest(task_id=task_id, lease_id=_lease(body), reason="released"),
+        review_pb2.SkipTaskRequest(task_id=task_id, lease_id=_lease(body), reason="released", release=True),
         **auth(request),
     )
     return web.json_response({"released": True})

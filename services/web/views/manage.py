@@ -13,10 +13,12 @@ from services.common.auth import Action
 from services.gen.tandem.export.v1 import export_pb2
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
+from services.web.charts import accuracy_chart, throughput_chart
 from services.web.errors import Failure, bad_request, forbidden, not_found
 from services.web.metrics import UPLOADED
 from services.web.session import CSRF_FIELD
 from services.web.state import app_state, auth, principal, render, session_token
+from services.web.throughput import WINDOW_SECONDS
 from services.web.uploads import UploadError, ingest_file
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ FORM_DEFAULTS: dict[str, str] = {
     "guarantee": "dataset",
     "human_budget_items": "",
     "human_budget_share": "",
+    # A checkbox: "on" when ticked, absent from the post when not.
+    "show_suggestions": "on",
 }
 
 
@@ -102,6 +106,7 @@ def project_from_form(form: dict[str, str]) -> projects_pb2.Project:
         guarantee=guarantee,
         human_budget_items=_number(form, "human_budget_items", int, 0, 10**12),
         human_budget_share=_number(form, "human_budget_share", float, 0, 1),
+        hide_suggestions=form.get("show_suggestions", "on") != "on",
     )
 
 
@@ -135,6 +140,8 @@ async def status(request: web.Request) -> web.StreamResponse:
     project = await _project(request)
     st = app_state(request)
     stats = await st.backends.stats(project.project_id, auth(request))
+    # The page refreshes itself: each view is a point of the throughput chart.
+    samples = st.throughput.record(project.project_id, stats.export.finalized, stats.review.done)
     return render(
         request,
         "status.html",
@@ -142,6 +149,9 @@ async def status(request: web.Request) -> web.StreamResponse:
         stats=stats,
         refresh=STATUS_REFRESH_SECONDS,
         sources=sorted(stats.export.by_source.items()),
+        throughput=throughput_chart(samples),
+        accuracy=accuracy_chart(stats.scorer, project.target_accuracy),
+        window_minutes=int(WINDOW_SECONDS // 60),
     )
 
 
