@@ -183,6 +183,19 @@ async def test_roles_and_memberships_are_enforced_by_every_service(world: World)
     assert await _code(mgr.export.GetExport(export_pb2.GetExportRequest(export_id=export.export_id))) == (
         grpc.StatusCode.OK
     )
+    # Streaming calls carry the token too (each kind of call has its own client interceptor).
+    chunks = [
+        c async for c in mgr.export.StreamExport(export_pb2.StreamExportRequest(export_id=export.export_id))
+    ]
+    assert isinstance(chunks, list)
+
+    async def batches() -> AsyncIterator[ingest_pb2.SubmitBatchRequest]:
+        yield ingest_pb2.SubmitBatchRequest(
+            project_id="p1", items=[ingest_pb2.RawItem(external_id="s", text=b"streamed text")]
+        )
+
+    assert (await mgr.ingest.BulkSubmit(batches())).accepted == 1
+    assert await _code(ann.ingest.BulkSubmit(batches())) == denied
 
     # A removed membership holds at once.
     await mgr.identity.RemoveMember(identity_pb2.RemoveMemberRequest(project_id="p1", user_id="ann"))
