@@ -71,6 +71,7 @@ class Action(StrEnum):
     READ = "read"  # project definitions and stats
     LABEL = "label"  # take tasks and label them
     CREATE_PROJECT = "create_project"
+    EDIT_PROJECT = "edit_project"
     INGEST = "ingest"
     EXPORT = "export"
     GENERATE = "generate"  # synthetic examples
@@ -86,6 +87,7 @@ ROLE_ACTIONS: dict[Role, frozenset[Action]] = {
             Action.READ,
             Action.LABEL,
             Action.CREATE_PROJECT,
+            Action.EDIT_PROJECT,
             Action.INGEST,
             Action.EXPORT,
             Action.GENERATE,
@@ -133,6 +135,7 @@ _I, _R, _X = (
 _ID = "/tandem.identity.v1.IdentityService/"
 RULES: dict[str, Rule] = {
     _I + "CreateProject": Rule(Action.CREATE_PROJECT),
+    _I + "UpdateProject": Rule(Action.EDIT_PROJECT, "project_id"),
     _I + "GetProject": Rule(Action.READ, "project_id"),
     _I + "ListProjects": Rule(Action.READ),  # the handler lists the caller's projects only
     _I + "SubmitBatch": Rule(Action.INGEST, "project_id"),

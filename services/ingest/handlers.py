@@ -29,6 +29,7 @@ from services.ingest.service import (
     RawItem,
     ValidItem,
     chunk,
+    edit_project,
     screen,
     validate_project,
 )
@@ -77,6 +78,21 @@ class Ingestor:
                 return existing
         # After commit; on failure the client retries CreateProject, which re-puts the entry.
         await self._projects.put(spec)
+        return stored
+
+    async def update_project(
+        self, project_id: str, changes: projects_pb2.Project, fields: Sequence[str]
+    ) -> projects_pb2.Project | None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await repo.lock_project(conn, project_id)
+            if current is None:
+                return None
+            edited = edit_project(ProjectSpec.from_proto(current), ProjectSpec.from_proto(changes), fields)
+            stored = edited.to_proto()
+            stored.created_unix_ms = current.created_unix_ms
+            await repo.update_project(conn, stored)
+        # After commit: the other services read projects from the bucket (within its cache time).
+        await self._projects.put(edited)
         return stored
 
     async def get_project(self, project_id: str) -> projects_pb2.Project | None:
@@ -206,6 +222,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"project {project.project_id!r} exists already"
             )
+        return project
+
+    async def UpdateProject(
+        self, request: ingest_pb2.UpdateProjectRequest, context: Context
+    ) -> projects_pb2.Project:
+        try:
+            project = await self._ingestor.update_project(request.project_id, request.changes, request.fields)
+        except InvalidProject as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
+        if project is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown project {request.project_id!r}")
+        assert project is not None
         return project
 
     async def GetProject(

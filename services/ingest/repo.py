@@ -28,6 +28,21 @@ async def insert_project(conn: asyncpg.Connection, project: projects_pb2.Project
     return row is not None
 
 
+async def update_project(conn: asyncpg.Connection, project: projects_pb2.Project) -> None:
+    await conn.execute(
+        "UPDATE ingest.projects SET spec = $2 WHERE project_id = $1",
+        project.project_id,
+        project.SerializeToString(),
+    )
+
+
+async def lock_project(conn: asyncpg.Connection, project_id: str) -> projects_pb2.Project | None:
+    data = await conn.fetchval(
+        "SELECT spec FROM ingest.projects WHERE project_id = $1 FOR UPDATE", project_id
+    )
+    return None if data is None else projects_pb2.Project.FromString(data)
+
+
 async def get_project(conn: asyncpg.Connection, project_id: str) -> projects_pb2.Project | None:
     data = await conn.fetchval("SELECT spec FROM ingest.projects WHERE project_id = $1", project_id)
     if data is None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -209,4 +210,43 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
         guarantee=guarantee,
         delta=delta,
         human_error=spec.human_error,
+        created_by=spec.created_by,
+        hide_suggestions=spec.hide_suggestions,
     )
+
+
+# What may change once items flow. The labels' names and order index every stored distribution,
+# and the target, guarantee, delta and assumed human error are what the running certificate
+# tests: changing them mid-run would test a different promise on evidence gathered for another.
+EDITABLE_FIELDS = (
+    "name",
+    "instructions",
+    "label_descriptions",
+    "hide_suggestions",
+    "human_budget_items",
+    "human_budget_share",
+)
+
+
+def edit_project(current: ProjectSpec, changes: ProjectSpec, fields: Iterable[str]) -> ProjectSpec:
+    """`current` with the named fields taken from `changes`, validated like a new project."""
+    fields = list(dict.fromkeys(fields))
+    fixed = [f for f in fields if f not in EDITABLE_FIELDS]
+    if fixed:
+        raise InvalidProject(
+            f"{', '.join(fixed)} cannot change after creation (editable: {', '.join(EDITABLE_FIELDS)})"
+        )
+    if not fields:
+        raise InvalidProject(f"name the fields to change (editable: {', '.join(EDITABLE_FIELDS)})")
+    edited = current
+    for name in fields:
+        if name == "label_descriptions":
+            if [lb.name for lb in changes.labels] != current.label_names:
+                raise InvalidProject(
+                    "label_descriptions must list the project's labels, same names, same order: "
+                    + ", ".join(current.label_names)
+                )
+            edited = dataclasses.replace(edited, labels=changes.labels)
+        else:
+            edited = dataclasses.replace(edited, **{name: getattr(changes, name)})
+    return validate_project(edited)

@@ -148,6 +148,27 @@ async def test_roles_and_memberships_are_enforced_by_every_service(world: World)
     ]
     assert "not a member" in answer.results[0].reason
 
+    # The manager edits what may change; what the certificate tests may not.
+    edit = ingest_pb2.UpdateProjectRequest(
+        project_id="p1",
+        changes=projects_pb2.Project(
+            instructions="Say yes or no.", hide_suggestions=True, target_accuracy=0.5
+        ),
+        fields=["instructions", "hide_suggestions"],
+    )
+    edited = await mgr.ingest.UpdateProject(edit)
+    assert (edited.instructions, edited.hide_suggestions, edited.created_by) == (
+        "Say yes or no.",
+        True,
+        "mgr",
+    )
+    assert edited.target_accuracy == created.target_accuracy
+    del edit.fields[:]
+    edit.fields.append("target_accuracy")
+    assert await _code(mgr.ingest.UpdateProject(edit)) == grpc.StatusCode.INVALID_ARGUMENT
+    edit.project_id = "p2"
+    assert await _code(mgr.ingest.UpdateProject(edit)) == grpc.StatusCode.PERMISSION_DENIED
+
     await world.user("ann", identity_pb2.ROLE_ANNOTATOR, [])
     await mgr.identity.AddMember(identity_pb2.AddMemberRequest(project_id="p1", user_id="ann"))
     assert await _code(
@@ -159,6 +180,7 @@ async def test_roles_and_memberships_are_enforced_by_every_service(world: World)
     denied = grpc.StatusCode.PERMISSION_DENIED
     assert await _code(ann.export.CreateExport(export_pb2.CreateExportRequest(project_id="p1"))) == denied
     assert await _code(ann.ingest.CreateProject(_project("p3"))) == denied
+    assert await _code(ann.ingest.UpdateProject(ingest_pb2.UpdateProjectRequest(project_id="p1"))) == denied
     assert await _code(ann.review.NextTask(review_pb2.NextTaskRequest(project_id="p2"))) == denied
     assert await _code(ann.ingest.SubmitBatch(ingest_pb2.SubmitBatchRequest(project_id="p1"))) == denied
     assert await _code(ann.identity.CreateUser(identity_pb2.CreateUserRequest(user_id="x"))) == denied

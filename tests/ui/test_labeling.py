@@ -1,9 +1,11 @@
 """A day with the web app, in a real browser on the real stack.
 
-The admin creates the people; a manager creates a project, uploads items and adds members; an
-annotator labels with the keyboard only (a skip and an undo included); the export holds exactly
-those labels under the annotator's user id; someone who is not a member sees nothing of the
-project. Every screen is saved to docs/screens/ on the way.
+The admin creates the people; a manager creates a project, uploads items and adds members, and
+keeps its status page open (the throughput chart fills in); an annotator labels with the keyboard
+only (a skip and an undo included; a skipped task is not shown again until asked for); a reviewer
+opens the second-opinion mode; the export holds exactly those labels under the annotator's user
+id; someone who is not a member sees nothing of the project. Every screen is saved to
+docs/screens/ on the way.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await maria.fill("textarea[name=labels]", "\n".join(f"{k}: {v}" for k, v in LABELS.items()))
     await maria.fill("textarea[name=instructions]", "Pick the topic the customer writes about.")
     await maria.fill("input[name=target_accuracy]", "0.95")
+    await expect(maria.locator("input[name=show_suggestions]")).to_be_checked()
     await _shot(maria, "07-new-project")
     await maria.click("form[action='/projects/new'] button[type=submit]")
     await expect(maria.locator("h1")).to_have_text("Support tickets")
@@ -151,6 +154,10 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await expect(maria.locator("#accepted")).to_have_text(str(len(TEXTS)))
     await expect(maria.locator("#rejected")).to_have_text("0")
     await _shot(maria, "09-upload-result")
+    # A second tab keeps the status page open (it reloads itself): each reload is a chart point.
+    watcher = await maria.context.new_page()
+    await watcher.goto(f"/projects/{PROJECT}")
+    await expect(watcher.locator("#suggestions-setting")).to_contain_text("Annotators see the model")
 
     await maria.goto(f"/projects/{PROJECT}/members")
     for user_id in ("ann", "rita"):
@@ -221,15 +228,16 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     labeled[undone] = names[2]
     shown = await _next_shown(ann, undone)
 
-    # Skip: the task goes back to the queue without a label from this person.
+    # Skip: the task goes to others without a label from this person, and not back to them.
     skipped = shown
     await ann.keyboard.press("s")
     shown = await _next_shown(ann, skipped)
+    assert shown != skipped
 
     await ann.keyboard.press("2")
     await ann.keyboard.press("Enter")
     labeled[shown] = names[1]
-    await _next_shown(ann, shown)
+    assert await _next_shown(ann, shown) != skipped
     # The last label leaves the browser when its undo window closes.
     await expect(ann.locator("#undo-bar")).to_be_hidden(timeout=10_000)
     await expect(ann.locator("#progress-labels")).to_have_text(str(len(labeled)))
@@ -237,9 +245,15 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     # While the person is at the screen, the leases it holds are extended.
     await _eventually(lambda: _extended(stack), within=30, what="a lease extension")
 
-    # -- 150 labels: letters after 9, and the filter box ---------------------------------------------
+    # -- 150 labels: letters after 9, and the filter box; a skipped task back when asked for ---------
+    await _eventually(
+        lambda: _queue(ann, "Customer intents", (2, 0, 0)), within=60, what="both intents queued"
+    )
     await ann.goto(f"/projects/{MANY}/label")
-    await expect(ann.locator("#task-external")).to_have_text(re.compile(r"^i\d$"), timeout=60_000)
+    await expect(ann.locator("#task-external")).to_have_text(re.compile(r"^i\d$"), timeout=30_000)
+    passed = await _shown(ann)
+    await ann.keyboard.press("s")
+    await _next_shown(ann, passed)
     await ann.keyboard.press("a")
     await expect(ann.locator("button.label[data-index='9']")).to_have_class(re.compile("selected"))
     await ann.keyboard.press("/")
@@ -248,7 +262,12 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await _shot(ann, "06-labeling-150-labels")
     await ann.keyboard.press("Enter")
     await expect(ann.locator("#undo-text")).to_contain_text("refund_dispute")
-    # Leaving within the undo window sends the label at once and gives back the task held ahead.
+    # Nothing new waits for ann: the screen offers the skipped task again, and shows it when asked.
+    await expect(ann.locator("#show-skipped")).to_be_visible()
+    await expect(ann.locator("#empty-text")).to_contain_text("Tasks you skipped")
+    await ann.click("#show-skipped")
+    await expect(ann.locator("#task-external")).to_have_text(passed)
+    # Leaving within the undo window sends the label at once and gives back the task on screen.
     await ann.goto("/projects")
     await _eventually(lambda: _queue(ann, "Customer intents", (1, 0, 1)), within=15, what="the last label")
 
@@ -257,6 +276,12 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await rita.goto("/review")
     await expect(rita.locator("table.grid")).to_contain_text("Support tickets")
     await _shot(rita, "05-review")
+    row = rita.locator("table.grid tbody tr", has_text="Support tickets")
+    await row.get_by_role("link", name="Review second opinions").click()
+    await expect(rita.locator("#mode-banner")).to_contain_text("Second opinions only")
+    await _eventually(lambda: _second_opinion_or_none(rita), within=20, what="the second-opinion queue")
+    await _shot(rita, "15-second-opinions")
+    await rita.goto("/review")  # gives back a task the screen may hold
 
     # -- the export holds those labels, under the annotator's id -----------------------------------
     async def exported() -> bool:
@@ -284,6 +309,13 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await maria.goto(f"/projects/{PROJECT}")
     await expect(maria.locator(".cards")).to_contain_text("Labeled by people")
     await _shot(maria, "08-project-status")
+    # The tab left open since the upload has drawn the labels per minute.
+    await watcher.bring_to_front()
+    await expect(watcher.locator("#throughput-chart polyline.final").first).to_be_attached(timeout=30_000)
+    await expect(watcher.locator("#rate-human")).to_be_visible()
+    await watcher.locator("h2", has_text="Throughput").scroll_into_view_if_needed()
+    await _shot(watcher, "16-status-charts")
+    await watcher.close()
 
     # -- someone who is not a member sees nothing of the project ------------------------------------
     otto = await _person(browser, stack, "otto")
@@ -305,6 +337,14 @@ async def _extended(stack: Stack) -> bool:
         metrics,
     )
     return match is not None and float(match.group(1)) > 0
+
+
+async def _second_opinion_or_none(page: Page) -> bool:
+    """The second-opinion screen settled: a second opinion on screen, or the word that none waits."""
+    if await page.locator("#task-kind").is_visible():
+        return (await page.locator("#task-kind").inner_text()) == "second opinion"
+    empty = page.locator("#empty-text")
+    return await empty.is_visible() and "No second opinion" in await empty.inner_text()
 
 
 async def _queue(page: Page, project: str, expected: tuple[int, int, int]) -> bool:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from services.common.projects import LabelSpec, ProjectSpec
@@ -9,6 +11,7 @@ from services.ingest.service import (
     RawItem,
     chunk,
     content_hash,
+    edit_project,
     screen,
     validate_project,
 )
@@ -97,3 +100,44 @@ def test_project_defaults_are_filled() -> None:
 def test_invalid_projects_are_refused(kw: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidProject, match=message):
         validate_project(spec(**kw))
+
+
+def _spec(**kw: object) -> ProjectSpec:
+    base = ProjectSpec(
+        "p", "P", (LabelSpec("a", "first"), LabelSpec("b", "second")), "old", 0.95, 0.0, created_by="mgr"
+    )
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_editable_fields_change_and_the_rest_stays() -> None:
+    changes = _spec(
+        name="New",
+        instructions="new",
+        labels=(LabelSpec("a", "A!"), LabelSpec("b", "B!")),
+        hide_suggestions=True,
+        target_accuracy=0.99,
+    )
+    edited = edit_project(
+        _spec(), changes, ["name", "instructions", "label_descriptions", "hide_suggestions"]
+    )
+    assert (edited.name, edited.instructions, edited.hide_suggestions) == ("New", "new", True)
+    assert [lb.description for lb in edited.labels] == ["A!", "B!"]
+    assert edited.target_accuracy == 0.95 and edited.created_by == "mgr"
+
+
+@pytest.mark.parametrize(
+    "field", ["target_accuracy", "guarantee", "delta", "human_error", "labels", "project_id"]
+)
+def test_what_the_certificate_tests_cannot_change(field: str) -> None:
+    with pytest.raises(InvalidProject, match="cannot change after creation"):
+        edit_project(_spec(), _spec(), [field])
+
+
+def test_label_descriptions_must_keep_the_labels() -> None:
+    renamed = _spec(labels=(LabelSpec("a", "x"), LabelSpec("c", "y")))
+    with pytest.raises(InvalidProject, match="same names, same order"):
+        edit_project(_spec(), renamed, ["label_descriptions"])
+    with pytest.raises(InvalidProject):
+        edit_project(_spec(), _spec(human_budget_share=2.0), ["human_budget_share"])
+    with pytest.raises(InvalidProject, match="name the fields"):
+        edit_project(_spec(), _spec(), [])
