@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     create = psub.add_parser("create", help="create a project from a YAML or JSON file")
     create.add_argument("file", type=Path)
     psub.add_parser("list", help="list projects")
+    edit = psub.add_parser("edit", help="change a project's name, instructions, suggestions or budget")
+    edit.add_argument("project")
+    edit.add_argument("--name")
+    edit.add_argument("--instructions")
+    edit.add_argument("--hide-suggestions", action=argparse.BooleanOptionalAction, default=None)
+    edit.add_argument("--budget-items", type=int)
+    edit.add_argument("--budget-share", type=float)
 
     ingest = sub.add_parser("ingest", help="submit a JSONL or CSV file of items")
     ingest.add_argument("file", type=Path)
@@ -216,6 +223,16 @@ async def _with_clients(args: argparse.Namespace) -> int:
             work = _access(args, clients)
         elif args.command == "project" and args.project_command == "create":
             work = commands.create_project(clients, args.file)
+        elif args.command == "project" and args.project_command == "edit":
+            work = commands.edit_project(
+                clients,
+                args.project,
+                name=args.name,
+                instructions=args.instructions,
+                hide_suggestions=args.hide_suggestions,
+                budget_items=args.budget_items,
+                budget_share=args.budget_share,
+            )
         elif args.command == "project":
             work = commands.list_projects(clients)
         elif args.command == "ingest":

@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.cli.client import Clients
-from services.cli.files import Record, load_project, read_records
+from services.cli.files import InputError, Record, load_project, read_records
 from services.cli.views import stats_table
 from services.cli.workforce import Workforce, WorkforceConfig
 from services.gen.tandem.export.v1 import export_pb2
@@ -35,6 +35,38 @@ async def create_project(clients: Clients, path: Path) -> projects_pb2.Project:
         f"target accuracy {project.target_accuracy:.2f}, audit rate {project.audit_rate:.2f}"
     )
     return project
+
+
+async def edit_project(
+    clients: Clients,
+    project_id: str,
+    *,
+    name: str | None,
+    instructions: str | None,
+    hide_suggestions: bool | None,
+    budget_items: int | None,
+    budget_share: float | None,
+) -> None:
+    changes = projects_pb2.Project()
+    fields: list[str] = []
+    if name is not None:
+        changes.name, fields = name, [*fields, "name"]
+    if instructions is not None:
+        changes.instructions, fields = instructions, [*fields, "instructions"]
+    if hide_suggestions is not None:
+        changes.hide_suggestions, fields = hide_suggestions, [*fields, "hide_suggestions"]
+    if budget_items is not None:
+        changes.human_budget_items, fields = budget_items, [*fields, "human_budget_items"]
+    if budget_share is not None:
+        changes.human_budget_share, fields = budget_share, [*fields, "human_budget_share"]
+    if not fields:
+        raise InputError(
+            "nothing to change: give --name, --instructions, --[no-]hide-suggestions or a budget"
+        )
+    project = await clients.ingest.UpdateProject(
+        ingest_pb2.UpdateProjectRequest(project_id=project_id, changes=changes, fields=fields), timeout=30
+    )
+    console.print(f"project [bold]{project.project_id}[/]: changed {', '.join(fields)}")
 
 
 async def list_projects(clients: Clients) -> None:
