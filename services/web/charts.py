@@ -15,8 +15,17 @@ from services.gen.tandem.stats.v1 import stats_pb2
 from services.web.throughput import Rate, Sample, rates
 
 WIDTH = 720
-# (span in minutes, minutes between x ticks): the smallest span that holds what was sampled.
-SPANS = ((5, 1), (10, 2), (15, 5), (30, 5), (60, 10), (120, 20))
+# (span, time between x ticks), in seconds: the smallest span that holds what was sampled.
+SPANS = (
+    (60, 15),
+    (120, 30),
+    (300, 60),
+    (600, 120),
+    (900, 300),
+    (1800, 300),
+    (3600, 600),
+    (7200, 1200),
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class ThroughputChart:
     x_ticks: list[Tick]
     y_ticks: list[Tick]
     latest: Rate
-    minutes: int
+    seconds: int  # the time axis' span
 
 
 def nice_step(raw: float) -> float:
@@ -69,14 +78,20 @@ def _number(value: float) -> str:
     return f"{value:.0f}" if value == int(value) else f"{value:g}"
 
 
+def _ago(seconds: int) -> str:
+    if seconds == 0:
+        return "now"
+    return f"−{seconds // 60} min" if seconds % 60 == 0 else f"−{seconds} s"
+
+
 def throughput_chart(samples: Sequence[Sample]) -> ThroughputChart | None:
     """Final and human labels per minute over the sampled stretch; None until there is a rate."""
     segments = rates(samples)
     if not segments:
         return None
     end = samples[-1].at
-    sampled_minutes = (end - samples[0].at) / 60.0
-    minutes, every = next(((m, e) for m, e in SPANS if m >= sampled_minutes), SPANS[-1])
+    sampled = end - samples[0].at
+    span, every = next(((s, e) for s, e in SPANS if s >= sampled), SPANS[-1])
     height = 210
     plot = Plot(left=44.0, top=10.0, right=WIDTH - 14.0, bottom=height - 28.0)
     highest = max(max(r.final_per_minute, r.human_per_minute) for seg in segments for r in seg)
@@ -84,7 +99,7 @@ def throughput_chart(samples: Sequence[Sample]) -> ThroughputChart | None:
     top = step * max(math.ceil(highest / step - 1e-9), 1)
 
     def x(at: float) -> float:
-        return plot.left + (at - (end - minutes * 60)) / (minutes * 60) * (plot.right - plot.left)
+        return plot.left + (at - (end - span)) / span * (plot.right - plot.left)
 
     def y(value: float) -> float:
         return plot.bottom - value / top * (plot.bottom - plot.top)
@@ -95,10 +110,7 @@ def throughput_chart(samples: Sequence[Sample]) -> ThroughputChart | None:
             coords = [(round(x(r.at), 1), round(y(getattr(r, f"{kind}_per_minute")), 1)) for r in seg]
             points = " ".join(f"{cx},{cy}" for cx, cy in coords)
             series.append(Series(kind, points, coords[-1]))
-    x_ticks = [
-        Tick(round(x(end - m * 60), 1), "now" if m == 0 else f"−{m} min")
-        for m in range(0, minutes + 1, every)
-    ]
+    x_ticks = [Tick(round(x(end - ago), 1), _ago(ago)) for ago in range(0, span + 1, every)]
     y_ticks = [Tick(round(y(i * step), 1), _number(round(i * step, 6))) for i in range(round(top / step) + 1)]
     return ThroughputChart(
         width=WIDTH,
@@ -108,7 +120,7 @@ def throughput_chart(samples: Sequence[Sample]) -> ThroughputChart | None:
         x_ticks=x_ticks,
         y_ticks=y_ticks,
         latest=segments[-1][-1],
-        minutes=minutes,
+        seconds=span,
     )
 
 

@@ -176,7 +176,7 @@ async def test_manager_uploads_and_sees_the_result(stack: Stack) -> None:
                 assert project.hide_suggestions is hidden, project_id
         quiet = await boss.get("/projects/quiet")
         assert "suggestion is hidden from annotators" in quiet.text
-        assert "see the model&#39;s suggestion" in (await boss.get("/projects/shown")).text
+        assert "Annotators see the model's suggestion" in (await boss.get("/projects/shown")).text
         # The throughput chart fills in while the page is open; the accuracy rows are there at once.
         assert 'id="throughput-empty"' in quiet.text and "Audited accuracy" in quiet.text
 
@@ -278,12 +278,20 @@ def test_throughput_sampling_and_charts() -> None:
         samples = ring.record("p", 12 * step, 6 * step)
     assert len(samples) == 121 and samples[0].at == now[0] - 600  # bounded by the window
     (segment,) = rates(samples)
-    assert segment[-1].final_per_minute == pytest.approx(144) and segment[
-        -1
-    ].human_per_minute == pytest.approx(72)
+    latest = segment[-1]
+    assert latest.final_per_minute == pytest.approx(144) and latest.human_per_minute == pytest.approx(72)
     chart = throughput_chart(samples)
-    assert chart is not None and chart.minutes == 10 and [t.label for t in chart.y_ticks][-1] == "150"
-    assert chart.x_ticks[0].label == "now" and chart.x_ticks[-1].label == "−10 min"
+    assert chart is not None and chart.seconds == 600 and chart.y_ticks[-1].label == "150"
+    assert [t.label for t in chart.x_ticks] == ["now", "−2 min", "−4 min", "−6 min", "−8 min", "−10 min"]
+    # A page open for half a minute gets a one-minute axis.
+    short = throughput_chart(samples[-7:])
+    assert short is not None and [t.label for t in short.x_ticks] == [
+        "now",
+        "−15 s",
+        "−30 s",
+        "−45 s",
+        "−1 min",
+    ]
     # Nobody watching for a while: the line breaks instead of averaging over the gap.
     now[0] += 300
     samples = ring.record("p", 99_999, 99_999)

@@ -145,6 +145,10 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await _shot(maria, "07-new-project")
     await maria.click("form[action='/projects/new'] button[type=submit]")
     await expect(maria.locator("h1")).to_have_text("Support tickets")
+    # A second tab keeps the status page open (it reloads itself): each reload is a chart point.
+    watcher = await maria.context.new_page()
+    await watcher.goto(f"/projects/{PROJECT}")
+    await expect(watcher.locator("#suggestions-setting")).to_contain_text("Annotators see the model")
 
     items = tmp_path / "tickets.jsonl"
     items.write_text("".join(json.dumps({"id": f"t{i:02d}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
@@ -154,10 +158,6 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await expect(maria.locator("#accepted")).to_have_text(str(len(TEXTS)))
     await expect(maria.locator("#rejected")).to_have_text("0")
     await _shot(maria, "09-upload-result")
-    # A second tab keeps the status page open (it reloads itself): each reload is a chart point.
-    watcher = await maria.context.new_page()
-    await watcher.goto(f"/projects/{PROJECT}")
-    await expect(watcher.locator("#suggestions-setting")).to_contain_text("Annotators see the model")
 
     await maria.goto(f"/projects/{PROJECT}/members")
     for user_id in ("ann", "rita"):
@@ -309,13 +309,6 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await maria.goto(f"/projects/{PROJECT}")
     await expect(maria.locator(".cards")).to_contain_text("Labeled by people")
     await _shot(maria, "08-project-status")
-    # The tab left open since the upload has drawn the labels per minute.
-    await watcher.bring_to_front()
-    await expect(watcher.locator("#throughput-chart polyline.final").first).to_be_attached(timeout=30_000)
-    await expect(watcher.locator("#rate-human")).to_be_visible()
-    await watcher.locator("h2", has_text="Throughput").scroll_into_view_if_needed()
-    await _shot(watcher, "16-status-charts")
-    await watcher.close()
 
     # -- someone who is not a member sees nothing of the project ------------------------------------
     otto = await _person(browser, stack, "otto")
@@ -328,6 +321,13 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
         assert "Support tickets" not in await otto.content()
     await _shot(otto, "14-forbidden")
 
+    # -- the tab left open since the project was created has drawn the labels per minute -----------
+    await watcher.bring_to_front()
+    await _eventually(lambda: _chart_points(watcher, 8), within=60, what="a throughput line of 8 points")
+    await expect(watcher.locator("#rate-human")).to_be_visible()
+    await watcher.locator("h2", has_text="Throughput").evaluate("heading => heading.scrollIntoView()")
+    await _shot(watcher, "16-status-charts")
+
 
 async def _extended(stack: Stack) -> bool:
     async with httpx.AsyncClient() as client:
@@ -337,6 +337,15 @@ async def _extended(stack: Stack) -> bool:
         metrics,
     )
     return match is not None and float(match.group(1)) > 0
+
+
+async def _chart_points(page: Page, at_least: int) -> bool:
+    """The status page's throughput line has this many points (one per reload after the first few)."""
+    line = page.locator("#throughput-chart polyline.human")
+    if await line.count() == 0:
+        return False
+    points = (await line.last.get_attribute("points")) or ""
+    return len(points.split()) >= at_least
 
 
 async def _second_opinion_or_none(page: Page) -> bool:
