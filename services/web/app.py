@@ -14,7 +14,7 @@ from services.web.session import Csrf, Sessions
 from services.web.settings import WebSettings
 from services.web.state import STATE, WebState
 from services.web.throughput import Throughput
-from services.web.views import annotate, api, auth, manage, people
+from services.web.views import annotate, api, auth, edit, manage, people
 
 
 def create_app(settings: WebSettings, backends: Backends, *, tls: bool) -> web.Application:
@@ -44,6 +44,8 @@ def create_app(settings: WebSettings, backends: Backends, *, tls: bool) -> web.A
     r.add_get("/projects/new", manage.new_project_form, name="project_new")
     r.add_post("/projects/new", manage.create_project, name="project_create")
     r.add_get("/projects/{project_id}", manage.status, name="status")
+    r.add_get("/projects/{project_id}/edit", edit.edit_form, name="project_edit")
+    r.add_post("/projects/{project_id}/edit", edit.update_project, name="project_update")
     r.add_get("/projects/{project_id}/label", annotate.label_screen, name="label")
     r.add_get("/projects/{project_id}/upload", manage.upload_form, name="upload_form")
     r.add_post("/projects/{project_id}/upload", manage.upload, name="upload")

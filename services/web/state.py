@@ -63,6 +63,7 @@ def nav(who: Principal) -> dict[str, bool]:
         "may_label": who.may(Action.LABEL),
         "may_review": who.role in (Role.ADMIN, Role.MANAGER, Role.REVIEWER),
         "may_create": who.may(Action.CREATE_PROJECT),
+        "may_edit": who.may(Action.EDIT_PROJECT),
         "may_ingest": who.may(Action.INGEST),
         "may_export": who.may(Action.EXPORT),
         "may_members": who.may(Action.MANAGE_MEMBERS),

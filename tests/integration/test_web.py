@@ -209,11 +209,133 @@ async def test_manager_uploads_and_sees_the_result(stack: Stack) -> None:
         }
         assert "line 4" in done.text and "not valid JSON" in done.text
 
+        # The same page carries the progress bar's script and its (hidden) bar; the form itself
+        # still posts without it, as above.
+        assert '<script src="/static/upload.js?v=' in done.text and 'id="upload-progress"' in done.text
+        assert re.search(r'id="upload-progress" hidden', done.text)
+        assert re.search(r'id="upload-form" data-max-bytes="\d+"', done.text)
+        script = await boss.get("/static/upload.js")
+        assert script.status_code == 200 and "XMLHttpRequest" in script.text
+
         status = await boss.get("/projects/mine")
         assert status.status_code == 200 and "Ingested" in status.text
         assert "Annotators see the model" in status.text
         members = await boss.get("/projects/mine/members")
         assert members.status_code == 200 and "ann" in members.text
+
+
+def _edit_form(page: httpx.Response, **changes: str | list[str]) -> dict[str, str | list[str]]:
+    """The edit form's fields as the page prefills them (what a browser would post), then `changes`."""
+    fields: dict[str, str | list[str]] = {
+        "csrf": _csrf(page),
+        "name": _value(page, "input", "name"),
+        "instructions": _value(page, "textarea", "instructions"),
+        "label_description": re.findall(r'name="label_description" value="([^"]*)"', page.text),
+        "human_budget_items": _value(page, "input", "human_budget_items"),
+        "human_budget_share": _value(page, "input", "human_budget_share"),
+        # The hidden "off", then the checkbox's "on" when it is ticked.
+        "show_suggestions": ["off", "on"]
+        if re.search(r'name="show_suggestions" value="on"\s*checked', page.text)
+        else ["off"],
+    }
+    fields.update(changes)
+    return fields
+
+
+def _value(page: httpx.Response, tag: str, name: str) -> str:
+    if tag == "textarea":
+        match = re.search(rf'<textarea name="{name}"[^>]*>(.*?)</textarea>', page.text, re.S)
+    else:
+        match = re.search(rf'<input name="{name}" value="([^"]*)"', page.text)
+    assert match is not None, (name, page.text)
+    return match.group(1)
+
+
+async def test_managers_edit_a_project_others_may_not(stack: Stack) -> None:
+    async def project() -> projects_pb2.Project:
+        async with Clients(stack.targets, token=stack.admin_token) as admin:
+            found: projects_pb2.Project = await admin.ingest.GetProject(
+                ingest_pb2.GetProjectRequest(project_id="mine")
+            )
+            return found
+
+    async with httpx.AsyncClient(base_url=stack.web_url, timeout=30) as boss:
+        assert (await _login(boss, "boss")).status_code == 303
+        status = await boss.get("/projects/mine")
+        assert 'href="/projects/mine/edit"' in status.text and ">Settings</a>" in status.text
+        page = await boss.get("/projects/mine/edit")
+        assert page.status_code == 200, page.text
+        # The fixed settings are shown, not offered, with the reason.
+        assert 'name="target_accuracy"' not in page.text and "95.0%" in page.text
+        assert "certificate in progress" in page.text
+        assert _value(page, "input", "name") == "Project mine"
+
+        # Instructions, a label description and the suggestion setting: only those are sent.
+        edited = await boss.post(
+            "/projects/mine/edit",
+            data=_edit_form(
+                page,
+                instructions="Answer yes\r\nwhen in doubt.",
+                label_description=["It is so.", ""],
+                show_suggestions=["off"],
+            ),
+        )
+        assert edited.status_code == 303, edited.text
+        location = edited.headers["location"]
+        assert location == "/projects/mine/edit?saved=instructions,label_descriptions,hide_suggestions"
+        saved = await boss.get(location)
+        assert "Saved: instructions, label descriptions, suggestion setting" in saved.text
+        assert "10 seconds" in saved.text
+        assert _value(saved, "textarea", "instructions") == "Answer yes\nwhen in doubt."
+        assert not re.search(r'name="show_suggestions" value="on"\s*checked', saved.text)
+        stored = await project()
+        assert stored.instructions == "Answer yes\nwhen in doubt." and stored.hide_suggestions
+        assert [(lb.name, lb.description) for lb in stored.labels] == [("yes", "It is so."), ("no", "")]
+        assert stored.name == "Project mine" and stored.target_accuracy == pytest.approx(0.95)
+        assert "suggestion is hidden from annotators" in (await boss.get("/projects/mine")).text
+
+        # The same form again, untouched (CRLF line breaks as browsers post them): nothing to send.
+        again = await boss.post(
+            "/projects/mine/edit",
+            data=_edit_form(saved, instructions="Answer yes\r\nwhen in doubt.\r\n"),
+        )
+        assert again.status_code == 200 and "Nothing changed" in again.text
+        # Ticked again, with a budget.
+        back = await boss.post(
+            "/projects/mine/edit",
+            data=_edit_form(saved, show_suggestions=["off", "on"], human_budget_items="40"),
+        )
+        assert back.headers["location"].endswith("?saved=hide_suggestions,human_budget_items")
+        stored = await project()
+        assert not stored.hide_suggestions and stored.human_budget_items == 40
+
+        # A fixed setting: the service refuses, and says why on the form, which keeps the edits.
+        fixed = await boss.post(
+            "/projects/mine/edit",
+            data=_edit_form(saved, target_accuracy="0.8", name="Renamed meanwhile"),
+        )
+        assert fixed.status_code == 400
+        assert "target_accuracy cannot change after creation" in fixed.text and 'role="alert"' in fixed.text
+        assert _value(fixed, "input", "name") == "Renamed meanwhile"
+        # A malformed value is caught before any call.
+        bad = await boss.post("/projects/mine/edit", data=_edit_form(saved, human_budget_share="half"))
+        assert bad.status_code == 400 and "human budget share must be a number" in bad.text
+        stored = await project()
+        assert stored.target_accuracy == pytest.approx(0.95) and stored.name == "Project mine"
+
+        # Without the CSRF token, or in a project the manager is not a member of: refused.
+        assert (await boss.post("/projects/mine/edit", data={"name": "x"})).status_code == 403
+        assert (await boss.get("/projects/theirs/edit")).status_code == 403
+
+    async with httpx.AsyncClient(base_url=stack.web_url, timeout=30) as ann:
+        assert (await _login(ann, "ann")).status_code == 303
+        assert "/projects/mine/edit" not in (await ann.get("/projects/mine")).text
+        refused = await ann.get("/projects/mine/edit")
+        assert refused.status_code == 403 and "may not edit projects" in refused.text
+        token = _csrf(await ann.get("/projects"))
+        posted = await ann.post("/projects/mine/edit", data={"csrf": token, "name": "mine, by ann"})
+        assert posted.status_code == 403
+        assert (await project()).name == "Project mine"
 
 
 async def test_a_service_down_gets_a_clear_page_not_a_trace(stack: Stack) -> None:

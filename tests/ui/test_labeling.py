@@ -63,6 +63,7 @@ AREAS = (
 ACTIONS = ("cancel", "change", "check", "close", "create", "dispute", "explain", "fix", "open", "report")
 MANY_LABELS = {f"{a}_{b}": f"The customer wants to {b} their {a}." for a in AREAS for b in ACTIONS}
 PASSWORD = "a long enough password"
+INSTRUCTIONS = "Pick the topic the customer writes about. A charge for time the service was down is billing."
 PEOPLE = {"maria": "manager", "ann": "annotator", "rita": "reviewer", "otto": "annotator"}
 
 
@@ -94,9 +95,9 @@ async def _person(browser: Browser, stack: Stack, user_id: str, password: str = 
     return page
 
 
-async def _shot(page: Page, name: str) -> None:
+async def _shot(page: Page, name: str, *, full_page: bool = False) -> None:
     SCREENS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SCREENS / f"{name}.png"))
+    await page.screenshot(path=str(SCREENS / f"{name}.png"), full_page=full_page)
 
 
 async def _eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
@@ -153,11 +154,30 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     items = tmp_path / "tickets.jsonl"
     items.write_text("".join(json.dumps({"id": f"t{i:02d}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
     await maria.goto(f"/projects/{PROJECT}/upload")
+    await expect(maria.locator("#upload-progress")).to_be_hidden()
     await maria.set_input_files("input[name=file]", str(items))
     await maria.click("form[action$='/upload'] button[type=submit]")
+    # Sent by the page's script: the bar ends full, over the result page it brought back.
+    progress = maria.locator("#upload-progress")
+    await expect(progress).to_have_attribute("data-state", "done")
+    await expect(progress).to_contain_text("tickets.jsonl")
+    value, maximum = await maria.locator("#upload-bar").evaluate("bar => [bar.value, bar.max]")
+    assert value == maximum >= items.stat().st_size  # the whole request: the file and the form's fields
     await expect(maria.locator("#accepted")).to_have_text(str(len(TEXTS)))
     await expect(maria.locator("#rejected")).to_have_text("0")
     await _shot(maria, "09-upload-result")
+
+    # The instructions change once items flow (the labels and the target may not).
+    await maria.get_by_role("navigation", name="Project").get_by_role("link", name="Settings").click()
+    await expect(maria.locator("textarea[name=instructions]")).to_have_value(
+        "Pick the topic the customer writes about."
+    )
+    await expect(maria.locator("#fixed")).to_contain_text("95.0%")
+    await maria.fill("textarea[name=instructions]", INSTRUCTIONS)
+    await maria.click("#edit-project button[type=submit]")
+    await expect(maria.locator("#saved")).to_contain_text("Saved: instructions")
+    await expect(maria.locator("textarea[name=instructions]")).to_have_value(INSTRUCTIONS)
+    await _shot(maria, "17-edit-project", full_page=True)  # the fixed settings below the form
 
     await maria.goto(f"/projects/{PROJECT}/members")
     for user_id in ("ann", "rita"):
@@ -198,6 +218,7 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await _shot(ann, "02-my-projects")
     await ann.goto(f"/projects/{PROJECT}/label")
     await expect(ann.locator("#task-external")).to_have_text(re.compile(r"^t\d\d$"), timeout=30_000)
+    await expect(ann.locator(".instructions")).to_have_text(INSTRUCTIONS)  # as edited
     await _shot(ann, "03-labeling")
     await ann.keyboard.press("?")
     await expect(ann.locator("#help")).to_be_visible()

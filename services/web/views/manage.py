@@ -19,7 +19,7 @@ from services.web.metrics import UPLOADED
 from services.web.session import CSRF_FIELD
 from services.web.state import app_state, auth, principal, render, session_token
 from services.web.throughput import WINDOW_SECONDS
-from services.web.uploads import UploadError, ingest_file
+from services.web.uploads import UploadError, UploadResult, ingest_file
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,30 @@ async def status(request: web.Request) -> web.StreamResponse:
 # --- upload ---------------------------------------------------------------------------------------
 
 
+def _upload_page(
+    request: web.Request,
+    project: projects_pb2.Project,
+    *,
+    result: UploadResult | None = None,
+    error: str = "",
+    status: int = 200,
+) -> web.Response:
+    # The limit goes to the page too: static/upload.js refuses a larger file before sending it.
+    max_bytes = app_state(request).settings.max_upload_bytes
+    return render(
+        request,
+        "upload.html",
+        status=status,
+        project=project,
+        result=result,
+        error=error,
+        max_bytes=max_bytes,
+    )
+
+
 async def upload_form(request: web.Request) -> web.StreamResponse:
     _require(request, Action.INGEST, "upload items")
-    project = await _project(request)
-    return render(request, "upload.html", project=project, result=None, error="")
+    return _upload_page(request, await _project(request))
 
 
 async def _field(part: BodyPartReader | None, name: str) -> str:
@@ -214,7 +234,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
             text_field=fields["text_field"],
         )
     except UploadError as exc:
-        return render(request, "upload.html", status=400, project=project, result=None, error=str(exc))
+        return _upload_page(request, project, error=str(exc), status=400)
     for outcome, n in (
         ("accepted", result.accepted),
         ("duplicate", result.duplicates),
@@ -230,7 +250,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
         result.duplicates,
         result.rejected,
     )
-    return render(request, "upload.html", project=project, result=result, error="")
+    return _upload_page(request, project, result=result)
 
 
 # --- export ---------------------------------------------------------------------------------------
