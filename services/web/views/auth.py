@@ -34,7 +34,9 @@ def client_address(request: web.Request) -> str:
     if app_state(request).settings.trust_forwarded_for:
         forwarded = request.headers.get("X-Forwarded-For", "")
         if forwarded:
-            return forwarded.split(",")[0].strip()
+            # The last entry is the one the trusted proxy added; earlier ones the client may forge
+            # (and would then spread its failed logins over addresses it invents).
+            return forwarded.split(",")[-1].strip()
     return request.remote or ""
 
 
