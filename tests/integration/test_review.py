@@ -135,14 +135,17 @@ def _withdrawal(*item_ids: str) -> tasks_pb2.TaskWithdrawalBatch:
     return tasks_pb2.TaskWithdrawalBatch(batch_id=str(uuid.uuid4()), project_id="rv", item_ids=item_ids)
 
 
-async def _next(clients: Clients, lease: float = 0.0) -> review_pb2.Task:
+async def _next(
+    clients: Clients, lease: float = 0.0, project: str = "rv", second_opinions_only: bool = False
+) -> review_pb2.Task:
     """The caller's next task, waiting for published tasks to reach the service."""
     deadline = time.monotonic() + 20
+    request = review_pb2.NextTaskRequest(
+        project_id=project, lease_seconds=lease, second_opinions_only=second_opinions_only
+    )
     while True:
         try:
-            return await clients.review.NextTask(
-                review_pb2.NextTaskRequest(project_id="rv", lease_seconds=lease), timeout=5
-            )
+            return await clients.review.NextTask(request, timeout=5)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
                 raise
@@ -447,16 +450,7 @@ async def test_second_opinion_mode_and_hidden_suggestions(review: Review, js: Je
     )
     await review.publish(_batch(ordinary, audit, opinion))
     # Second-opinion mode skips the more urgent ordinary tasks.
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            task = await reviewer.review.NextTask(
-                review_pb2.NextTaskRequest(project_id="rv", second_opinions_only=True), timeout=5
-            )
-            break
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+    task = await _next(reviewer, second_opinions_only=True)
     assert task.round == 1 and task.item_id == second_item
     # Blind: second opinions and audits never carry the model's suggestion; ordinary tasks do.
     assert not task.suggested_label and task.confidence == 0
@@ -484,12 +478,5 @@ async def test_second_opinion_mode_and_hidden_suggestions(review: Review, js: Je
             ],
         )
     )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            hidden = await ann.review.NextTask(review_pb2.NextTaskRequest(project_id="other"), timeout=5)
-            break
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+    hidden = await _next(ann, project="other")
     assert not hidden.suggested_label and hidden.confidence == 0
