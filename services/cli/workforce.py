@@ -59,9 +59,18 @@ class Workforce:
 
         async def watch() -> None:
             while not stop.is_set() and not finished.is_set():
-                if await done():
-                    finished.set()
-                    return
+                try:
+                    if await done():
+                        finished.set()
+                        return
+                except grpc.aio.AioRpcError as exc:
+                    # A service restarting (the fault tests kill them) is asked again next time.
+                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        finished.set()
+                        raise
+                except BaseException:
+                    finished.set()  # the annotators stop; the error is raised below
+                    raise
                 await asyncio.sleep(0.5)
 
         names = [f"sim-{i + 1:02d}" for i in range(self._config.annotators)]
@@ -73,6 +82,8 @@ class Workforce:
         ]
         try:
             await asyncio.gather(*workers)
+            if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
+                raise watcher.exception()  # type: ignore[misc]
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
