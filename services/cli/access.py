@@ -25,6 +25,7 @@ ROLES = {
     "reviewer": identity_pb2.ROLE_REVIEWER,
     "annotator": identity_pb2.ROLE_ANNOTATOR,
     "viewer": identity_pb2.ROLE_VIEWER,
+    "vendor": identity_pb2.ROLE_VENDOR,
 }
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
 

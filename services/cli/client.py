@@ -17,6 +17,7 @@ from services.gen.tandem.identity.v1 import identity_pb2_grpc
 from services.gen.tandem.ingest.v1 import ingest_pb2_grpc
 from services.gen.tandem.review.v1 import review_pb2_grpc
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
+from services.gen.tandem.workforce.v1 import workforce_pb2_grpc
 
 # Transient failures (a service restarting) are retried by gRPC itself, not by hand-written loops.
 _RETRY = json.dumps(
@@ -58,6 +59,8 @@ class Clients:
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channels["ingest"])
         self.review = review_pb2_grpc.ReviewServiceStub(self._channels["review"])
         self.export = export_pb2_grpc.ExportServiceStub(self._channels["export"])
+        # The workforce is served by the review service.
+        self.workforce = workforce_pb2_grpc.WorkforceServiceStub(self._channels["review"])
         if "identity" in self._channels:
             self.identity = identity_pb2_grpc.IdentityServiceStub(self._channels["identity"])
         self._stats = {name: stats_pb2_grpc.StatsServiceStub(self._channels[name]) for name in STATS_SERVICES}

@@ -48,6 +48,7 @@ class Role(StrEnum):
     REVIEWER = "reviewer"
     ANNOTATOR = "annotator"
     VIEWER = "viewer"
+    VENDOR = "vendor"
 
     @classmethod
     def from_proto(cls, value: int) -> Role:
@@ -63,6 +64,7 @@ _PROTO_OF_ROLE: dict[Role, identity_pb2.Role.ValueType] = {
     Role.REVIEWER: identity_pb2.ROLE_REVIEWER,
     Role.ANNOTATOR: identity_pb2.ROLE_ANNOTATOR,
     Role.VIEWER: identity_pb2.ROLE_VIEWER,
+    Role.VENDOR: identity_pb2.ROLE_VENDOR,
 }
 _ROLE_OF_PROTO: dict[int, Role] = {int(v): k for k, v in _PROTO_OF_ROLE.items()}
 
@@ -77,6 +79,8 @@ class Action(StrEnum):
     GENERATE = "generate"  # synthetic examples
     MANAGE_MEMBERS = "manage_members"
     MANAGE_USERS = "manage_users"
+    MANAGE_WORKFORCE = "manage_workforce"  # pools, people's pools and skills, pauses
+    VENDOR_LABEL = "vendor_label"  # claim and submit for a pool's workers (vendor API)
     SELF = "self"  # who am I, my tokens, log out
 
 
@@ -92,12 +96,15 @@ ROLE_ACTIONS: dict[Role, frozenset[Action]] = {
             Action.EXPORT,
             Action.GENERATE,
             Action.MANAGE_MEMBERS,
+            Action.MANAGE_WORKFORCE,
             Action.SELF,
         }
     ),
     Role.REVIEWER: frozenset({Action.READ, Action.LABEL, Action.SELF}),
     Role.ANNOTATOR: frozenset({Action.READ, Action.LABEL, Action.SELF}),
     Role.VIEWER: frozenset({Action.READ, Action.SELF}),
+    # Not LABEL: a vendor account labels only as its workers, through the vendor API.
+    Role.VENDOR: frozenset({Action.READ, Action.VENDOR_LABEL, Action.SELF}),
 }
 
 
@@ -133,6 +140,7 @@ _I, _R, _X = (
     "/tandem.export.v1.ExportService/",
 )
 _ID = "/tandem.identity.v1.IdentityService/"
+_W = "/tandem.workforce.v1.WorkforceService/"
 RULES: dict[str, Rule] = {
     _I + "CreateProject": Rule(Action.CREATE_PROJECT),
     _I + "UpdateProject": Rule(Action.EDIT_PROJECT, "project_id"),
@@ -147,6 +155,15 @@ RULES: dict[str, Rule] = {
     _R + "SubmitLabel": Rule(Action.LABEL),
     _R + "SkipTask": Rule(Action.LABEL),
     _R + "ExtendLease": Rule(Action.LABEL),
+    _R + "ClaimBatch": Rule(Action.VENDOR_LABEL, "project_id"),
+    _R + "SubmitBatch": Rule(Action.VENDOR_LABEL),  # each lease is the check, as in SubmitLabel
+    _W + "PutPool": Rule(Action.MANAGE_WORKFORCE),
+    _W + "ListPools": Rule(Action.READ),
+    _W + "PutAnnotator": Rule(Action.MANAGE_WORKFORCE),
+    _W + "ListAnnotators": Rule(Action.READ),
+    _W + "SetPaused": Rule(Action.MANAGE_WORKFORCE, "project_id"),
+    _W + "AddGold": Rule(Action.EDIT_PROJECT, "project_id"),
+    _W + "GetQuality": Rule(Action.READ, "project_id"),
     _X + "CreateExport": Rule(Action.EXPORT, "project_id"),
     _X + "GetExport": Rule(Action.EXPORT),  # the handler checks the export's project
     _X + "StreamExport": Rule(Action.EXPORT),

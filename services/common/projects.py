@@ -41,6 +41,21 @@ class ProjectSpec:
     human_error: float = 0.0
     created_by: str = ""
     hide_suggestions: bool = False
+    # Workforce (see projects.proto): pools with their shares, skills, overlap, SLA, gold, quality bar.
+    pools: tuple[tuple[str, float], ...] = ()
+    skill_fields: tuple[str, ...] = ()
+    overlap: int = 1
+    max_overlap: int = 0
+    overlap_below_confidence: float = 0.0
+    sla_seconds: float = 0.0
+    gold_first: int = 0
+    gold_first_share: float = 0.0
+    gold_share: float = 0.0
+    quality_bar: float = 0.0
+
+    @property
+    def pool_ids(self) -> list[str]:
+        return [pool_id for pool_id, _ in self.pools]
 
     @property
     def label_names(self) -> list[str]:
@@ -66,6 +81,16 @@ class ProjectSpec:
             human_error=p.human_error,
             created_by=p.created_by,
             hide_suggestions=p.hide_suggestions,
+            pools=tuple((ps.pool_id, ps.share) for ps in p.pools),
+            skill_fields=tuple(p.skill_fields),
+            overlap=max(p.overlap, 1),
+            max_overlap=p.max_overlap,
+            overlap_below_confidence=p.overlap_below_confidence,
+            sla_seconds=p.sla_seconds,
+            gold_first=p.gold_first,
+            gold_first_share=p.gold_first_share,
+            gold_share=p.gold_share,
+            quality_bar=p.quality_bar,
         )
 
     def to_proto(self) -> projects_pb2.Project:
@@ -84,6 +109,16 @@ class ProjectSpec:
             human_error=self.human_error,
             created_by=self.created_by,
             hide_suggestions=self.hide_suggestions,
+            pools=[projects_pb2.PoolShare(pool_id=pool_id, share=share) for pool_id, share in self.pools],
+            skill_fields=list(self.skill_fields),
+            overlap=self.overlap,
+            max_overlap=self.max_overlap,
+            overlap_below_confidence=self.overlap_below_confidence,
+            sla_seconds=self.sla_seconds,
+            gold_first=self.gold_first,
+            gold_first_share=self.gold_first_share,
+            gold_share=self.gold_share,
+            quality_bar=self.quality_bar,
         )
 
 

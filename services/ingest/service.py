@@ -195,6 +195,7 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
         raise InvalidProject(
             f"a dataset target of {target} cannot be met by people who err at {spec.human_error}"
         )
+    _validate_workforce(spec)
     return ProjectSpec(
         project_id=spec.project_id,
         name=spec.name or spec.project_id,
@@ -212,7 +213,45 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
         human_error=spec.human_error,
         created_by=spec.created_by,
         hide_suggestions=spec.hide_suggestions,
+        pools=tuple((pool_id.strip(), share) for pool_id, share in spec.pools),
+        skill_fields=tuple(f.strip() for f in spec.skill_fields),
+        overlap=max(spec.overlap, 1),
+        max_overlap=spec.max_overlap,
+        overlap_below_confidence=spec.overlap_below_confidence,
+        sla_seconds=spec.sla_seconds,
+        gold_first=spec.gold_first,
+        gold_first_share=spec.gold_first_share,
+        gold_share=spec.gold_share,
+        quality_bar=spec.quality_bar,
     )
+
+
+MAX_OVERLAP = 10
+
+
+def _validate_workforce(spec: ProjectSpec) -> None:
+    ids = [pool_id.strip() for pool_id, _ in spec.pools]
+    if any(not PROJECT_ID_RE.match(pool_id) for pool_id in ids):
+        raise InvalidProject("pool ids must be 1-63 characters of a-z, 0-9, '-' or '_'")
+    if len(set(ids)) != len(ids):
+        raise InvalidProject("each pool may be named once")
+    if any(not share > 0 for _, share in spec.pools):
+        raise InvalidProject("each pool's share must be above 0")
+    if any(not f.strip() or "=" in f for f in spec.skill_fields):
+        raise InvalidProject("skill fields must be metadata field names (no '=')")
+    if not 0 <= spec.overlap <= MAX_OVERLAP:
+        raise InvalidProject(f"overlap must be in [1, {MAX_OVERLAP}]")
+    if spec.max_overlap and not max(spec.overlap, 1) <= spec.max_overlap <= MAX_OVERLAP:
+        raise InvalidProject(f"max_overlap must be 0 (no dynamic overlap) or in [overlap, {MAX_OVERLAP}]")
+    if not 0.0 <= spec.overlap_below_confidence <= 1.0:
+        raise InvalidProject("overlap_below_confidence must be in [0, 1]")
+    if not 0.0 <= spec.sla_seconds <= 365 * 86400:
+        raise InvalidProject("sla_seconds must be in [0, one year]")
+    if not 0 <= spec.gold_first <= 1000:
+        raise InvalidProject("gold_first must be in [0, 1000]")
+    for name in ("gold_first_share", "gold_share", "quality_bar"):
+        if not 0.0 <= getattr(spec, name) <= 1.0:
+            raise InvalidProject(f"{name} must be in [0, 1]")
 
 
 # What may change once items flow. The labels' names and order index every stored distribution,
@@ -225,6 +264,17 @@ EDITABLE_FIELDS = (
     "hide_suggestions",
     "human_budget_items",
     "human_budget_share",
+    # The workforce settles who labels, not what is certified: all of it may change.
+    "pools",
+    "skill_fields",
+    "overlap",
+    "max_overlap",
+    "overlap_below_confidence",
+    "sla_seconds",
+    "gold_first",
+    "gold_first_share",
+    "gold_share",
+    "quality_bar",
 )
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
 from services.common.bus.outbox import Outgoing, enqueue
-from services.gen.tandem.tasks.v1 import tasks_pb2
-from services.review.service import PriorLabel, State, Task
+from services.review.service import Person, PriorLabel, SlotState, Standing, State, Task
 
 SCHEMA = "review"
 
@@ -32,34 +32,63 @@ def _task(r: asyncpg.Record) -> Task:
         lease_expires_at=r["lease_expires_at"],
         round=r["round"],
         withdraw_requested=r["withdraw_requested"],
+        slot=r["slot"],
+        pool_id=r["pool_id"],
     )
 
 
-def task_id(item_id: str, round_: int) -> str:
-    """Derived from the item (and round), so a redelivered request cannot create a second task."""
+def task_id(item_id: str, round_: int, slot: int = 0) -> str:
+    """Derived from the item (round and slot), so a redelivered request cannot create a second task."""
     key = f"task:{item_id}" if round_ == 0 else f"task:{item_id}:{round_}"
+    if slot:
+        key += f":slot{slot}"
     return str(uuid.uuid5(uuid.NAMESPACE_URL, key))
 
 
-async def upsert_tasks(conn: asyncpg.Connection, tasks: Sequence[tasks_pb2.ReviewTask]) -> None:
-    full = [t for t in tasks if t.text]
-    rerank = [t for t in tasks if not t.text]
+@dataclass(frozen=True)
+class NewTask:
+    """A task the scorer asked for, routed: one per overlap slot, each with its pool."""
+
+    task_id: str
+    item_id: str
+    project_id: str
+    external_id: str
+    text: str
+    suggested_label: str
+    confidence: float
+    reason: str
+    priority: float
+    synthetic: bool
+    round: int
+    slot: int
+    pool_id: str
+
+
+@dataclass(frozen=True)
+class Rerank:
+    item_id: str
+    priority: float
+    reason: str
+
+
+async def upsert_tasks(conn: asyncpg.Connection, full: Sequence[NewTask], rerank: Sequence[Rerank]) -> None:
     if full:
         # A first-round task whose item was withdrawn before it arrived is stored withdrawn, so it
         # never reaches the queue. A later round is a new question (a second opinion on a label
         # people gave anyway) and goes ahead.
         await conn.execute(
             "INSERT INTO review.tasks (task_id, item_id, project_id, external_id, text, suggested_label,"
-            " confidence, reason, priority, synthetic, round, state)"
+            " confidence, reason, priority, synthetic, round, slot, pool_id, state, skills)"
             " SELECT n.*, CASE WHEN n.round = 0 AND EXISTS (SELECT 1 FROM review.withdrawals w"
-            "  WHERE w.item_id = n.item_id) THEN 'withdrawn' ELSE 'open' END"
+            "  WHERE w.item_id = n.item_id) THEN 'withdrawn' ELSE 'open' END,"
+            " COALESCE((SELECT s.skills FROM review.item_skills s WHERE s.item_id = n.item_id), '{}')"
             " FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],"
-            " $7::real[], $8::text[], $9::float8[], $10::boolean[], $11::int[])"
+            " $7::real[], $8::text[], $9::float8[], $10::boolean[], $11::int[], $12::int[], $13::text[])"
             " AS n(task_id, item_id, project_id, external_id, text, suggested_label, confidence, reason,"
-            " priority, synthetic, round)"
-            " ON CONFLICT (item_id, round) DO UPDATE SET priority = EXCLUDED.priority, updated_at = now()"
+            " priority, synthetic, round, slot, pool_id)"
+            " ON CONFLICT (item_id, round, slot) DO UPDATE SET priority = EXCLUDED.priority, updated_at = now()"
             " WHERE review.tasks.state = 'open'",
-            [task_id(t.item_id, t.round) for t in full],
+            [t.task_id for t in full],
             [t.item_id for t in full],
             [t.project_id for t in full],
             [t.external_id for t in full],
@@ -70,6 +99,8 @@ async def upsert_tasks(conn: asyncpg.Connection, tasks: Sequence[tasks_pb2.Revie
             [t.priority for t in full],
             [t.synthetic for t in full],
             [t.round for t in full],
+            [t.slot for t in full],
+            [t.pool_id for t in full],
         )
     if rerank:
         # A re-rank may also change why people see the item (a waiting item drawn for audit).
@@ -108,37 +139,141 @@ async def withdraw(conn: asyncpg.Connection, project_id: str, item_ids: Sequence
     return int(result.split()[-1])
 
 
+async def lock_person(conn: asyncpg.Connection, annotator_id: str) -> Person:
+    """The person asking, locked to the end of the transaction (their claims queue behind each
+    other, so no two can both see room under their cap), with the tasks they hold now."""
+    r = await conn.fetchrow(
+        "INSERT INTO review.annotators (annotator_id) VALUES ($1)"
+        " ON CONFLICT (annotator_id) DO UPDATE SET annotator_id = EXCLUDED.annotator_id"
+        " RETURNING pool_id, skills, max_leased",
+        annotator_id,
+    )
+    assert r is not None
+    # A statement of its own: its snapshot is taken after the lock above was granted, so it sees
+    # the leases of the claim that held the lock before (one statement would count from before).
+    leased = await conn.fetchval(
+        "SELECT (SELECT count(*) FROM review.tasks t WHERE t.state = 'leased' AND t.lease_owner = $1)"
+        " + (SELECT count(*) FROM review.gold_tasks g WHERE g.state = 'leased' AND g.annotator_id = $1)",
+        annotator_id,
+    )
+    return Person(annotator_id, r["pool_id"], tuple(r["skills"]), r["max_leased"], int(leased))
+
+
+async def standing(conn: asyncpg.Connection, project_id: str, annotator_id: str) -> Standing:
+    r = await conn.fetchrow(
+        "INSERT INTO review.standing (project_id, annotator_id) VALUES ($1, $2)"
+        " ON CONFLICT (project_id, annotator_id) DO UPDATE SET served = review.standing.served"
+        " RETURNING *",
+        project_id,
+        annotator_id,
+    )
+    assert r is not None
+    return standing_of(r)
+
+
+def standing_of(r: asyncpg.Record) -> Standing:
+    return Standing(
+        served=r["served"],
+        gold_served=r["gold_served"],
+        gold_answered=r["gold_answered"],
+        gold_correct=r["gold_correct"],
+        paused=r["paused"],
+        paused_reason=r["paused_reason"],
+    )
+
+
+async def served(conn: asyncpg.Connection, project_id: str, annotator_id: str, *, gold: bool) -> None:
+    await conn.execute(
+        "UPDATE review.standing SET served = served + 1, gold_served = gold_served + $3"
+        " WHERE project_id = $1 AND annotator_id = $2",
+        project_id,
+        annotator_id,
+        1 if gold else 0,
+    )
+
+
+async def pool_load(conn: asyncpg.Connection, pool_id: str) -> tuple[int, int] | None:
+    """(cap, leased) of a pool with a cap, its row locked so concurrent claims count one by one;
+    None when the pool has no cap."""
+    cap = await conn.fetchval(
+        "SELECT max_leased FROM review.pools WHERE pool_id = $1 AND max_leased > 0 FOR UPDATE", pool_id
+    )
+    if cap is None:
+        return None
+    leased = await conn.fetchval(
+        "SELECT (SELECT count(*) FROM review.tasks WHERE state = 'leased' AND lease_pool = $1)"
+        " + (SELECT count(*) FROM review.gold_tasks WHERE state = 'leased' AND pool_id = $1)",
+        pool_id,
+    )
+    return int(cap), int(leased)
+
+
+# What a person may take: not an item they labeled or hold another task of (one label per item,
+# rounds and overlap slots alike: service.labeled_other_task, checked again at submit), not what
+# they skipped (unless they ask for it back), only with the skills it needs. Two plain NOT EXISTS,
+# not one with an OR: the planner estimates those right and keeps walking the queue index in
+# priority order; with the OR it took the test for nearly always false and, at 1M open tasks,
+# switched to a plan that read and sorted every open task (5 s a claim instead of 2 ms).
+_ELIGIBLE = (
+    " AND t0.round >= $5"
+    " AND t0.skills <@ $8::text[]"
+    " AND NOT EXISTS (SELECT 1 FROM review.tasks p JOIN review.annotations a ON a.task_id = p.task_id"
+    "  WHERE p.item_id = t0.item_id AND a.annotator_id = $3)"
+    " AND NOT EXISTS (SELECT 1 FROM review.tasks p WHERE p.item_id = t0.item_id AND p.state = 'leased'"
+    "  AND p.lease_owner = $3)"
+    " AND ($6 OR NOT EXISTS (SELECT 1 FROM review.skips s WHERE s.task_id = t0.task_id"
+    "  AND s.annotator_id = $3))"
+)
+_LEASE = (
+    " UPDATE review.tasks t SET state = 'leased', lease_id = $2, lease_owner = $3, lease_pool = $7,"
+    " lease_expires_at = now() + make_interval(secs => $4), updated_at = now()"
+    " FROM next WHERE t.task_id = next.task_id RETURNING t.*"
+)
+
+
 async def claim_next(
     conn: asyncpg.Connection,
     project_id: str,
-    annotator_id: str,
+    person: Person,
+    queue: str,
     lease_seconds: float,
     *,
+    sla_seconds: float = 0.0,
     second_opinions_only: bool = False,
     include_skipped: bool = False,
 ) -> Task | None:
-    row = await conn.fetchrow(
-        "WITH next AS ("
-        " SELECT t0.task_id FROM review.tasks t0 WHERE t0.project_id = $1 AND t0.state = 'open'"
-        " AND t0.round >= $5"
-        # A second opinion must come from someone who has not labeled the item in another round
-        # (service.labeled_other_round, checked again at submit).
-        " AND NOT EXISTS (SELECT 1 FROM review.annotations a"
-        "  JOIN review.tasks p ON p.task_id = a.task_id WHERE p.item_id = t0.item_id AND p.round <> t0.round"
-        "  AND a.annotator_id = $3)"
-        # What a person skipped goes to someone else (unless they ask for it back).
-        " AND ($6 OR NOT EXISTS (SELECT 1 FROM review.skips s WHERE s.task_id = t0.task_id"
-        "  AND s.annotator_id = $3))"
-        " ORDER BY t0.priority DESC, t0.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
-        " UPDATE review.tasks t SET state = 'leased', lease_id = $2, lease_owner = $3,"
-        " lease_expires_at = now() + make_interval(secs => $4), updated_at = now()"
-        " FROM next WHERE t.task_id = next.task_id RETURNING t.*",
+    """Lease the next task: one waiting past the project's SLA first (oldest first, whatever its
+    pool), else the head of the person's pool queue by priority."""
+    args = (
         project_id,
         uuid.uuid4(),
-        annotator_id,
+        person.annotator_id,
         lease_seconds,
         1 if second_opinions_only else 0,
         include_skipped,
+        person.pool_id,
+        list(person.skills),
+    )
+    if sla_seconds > 0:
+        row = await conn.fetchrow(
+            "WITH next AS (SELECT t0.task_id FROM review.tasks t0 WHERE t0.project_id = $1"
+            " AND t0.state = 'open' AND t0.created_at < now() - make_interval(secs => $9)"
+            + _ELIGIBLE
+            + " ORDER BY t0.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+            + _LEASE,
+            *args,
+            sla_seconds,
+        )
+        if row is not None:
+            return _task(row)
+    row = await conn.fetchrow(
+        "WITH next AS (SELECT t0.task_id FROM review.tasks t0 WHERE t0.project_id = $1"
+        " AND t0.state = 'open' AND t0.pool_id = $9"
+        + _ELIGIBLE
+        + " ORDER BY t0.priority DESC, t0.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        + _LEASE,
+        *args,
+        queue,
     )
     return _task(row) if row is not None else None
 
@@ -167,11 +302,67 @@ async def item_labels(conn: asyncpg.Connection, item_id: str) -> list[PriorLabel
     label and its second opinion by the same person, submitted at once, would not see each other."""
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _item_lock_key(item_id))
     rows = await conn.fetch(
-        "SELECT t.round, a.annotator_id FROM review.annotations a JOIN review.tasks t USING (task_id)"
+        "SELECT t.round, t.slot, a.annotator_id FROM review.annotations a JOIN review.tasks t USING (task_id)"
         " WHERE t.item_id = $1",
         uuid.UUID(item_id),
     )
-    return [PriorLabel(r["round"], r["annotator_id"]) for r in rows]
+    return [PriorLabel(r["round"], r["annotator_id"], r["slot"]) for r in rows]
+
+
+async def item_slots(conn: asyncpg.Connection, item_id: str) -> list[SlotState]:
+    """The item's first-round tasks and their labels (call after item_labels, under its lock)."""
+    rows = await conn.fetch(
+        "SELECT t.slot, t.state, a.annotator_id, a.label FROM review.tasks t"
+        " LEFT JOIN review.annotations a USING (task_id) WHERE t.item_id = $1 AND t.round = 0 ORDER BY t.slot",
+        uuid.UUID(item_id),
+    )
+    return [SlotState(r["slot"], State(r["state"]), r["annotator_id"], r["label"]) for r in rows]
+
+
+async def add_slot(conn: asyncpg.Connection, template: Task, slot: int, pool_id: str) -> None:
+    """One more person for the item: a copy of its task in a new slot, keeping the item's age (an
+    SLA counts from when the item first waited) and priority."""
+    await conn.execute(
+        "INSERT INTO review.tasks (task_id, item_id, project_id, external_id, text, suggested_label,"
+        " confidence, reason, priority, synthetic, round, slot, pool_id, skills, created_at)"
+        " SELECT $2, item_id, project_id, external_id, text, suggested_label, confidence, reason, priority,"
+        " synthetic, round, $3, $4, skills, created_at FROM review.tasks WHERE task_id = $1"
+        " ON CONFLICT (item_id, round, slot) DO NOTHING",
+        uuid.UUID(template.task_id),
+        uuid.UUID(task_id(template.item_id, template.round, slot)),
+        slot,
+        pool_id,
+    )
+
+
+async def record_consensus(
+    conn: asyncpg.Connection,
+    item_id: str,
+    project_id: str,
+    label: str,
+    posterior: float,
+    method: str,
+    annotators: Sequence[str],
+) -> None:
+    await conn.execute(
+        "INSERT INTO review.consensus (item_id, project_id, label, posterior, method, annotators)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (item_id) DO UPDATE SET label = EXCLUDED.label,"
+        " posterior = EXCLUDED.posterior, method = EXCLUDED.method, annotators = EXCLUDED.annotators,"
+        " updated_at = now()",
+        uuid.UUID(item_id),
+        project_id,
+        label,
+        posterior,
+        method,
+        list(annotators),
+    )
+
+
+async def paused(conn: asyncpg.Connection, project_id: str) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT annotator_id FROM review.standing WHERE project_id = $1 AND paused", project_id
+    )
+    return {r["annotator_id"] for r in rows}
 
 
 def _item_lock_key(item_id: str) -> int:
@@ -179,20 +370,22 @@ def _item_lock_key(item_id: str) -> int:
 
 
 async def complete(
-    conn: asyncpg.Connection, task_id: str, annotator_id: str, label: str, seconds: float
+    conn: asyncpg.Connection, task_id: str, annotator_id: str, label: str, seconds: float, pool_id: str = ""
 ) -> datetime:
     await conn.execute(
-        "UPDATE review.tasks SET state = 'done', lease_id = NULL, lease_expires_at = NULL, updated_at = now()"
+        "UPDATE review.tasks SET state = 'done', lease_id = NULL, lease_expires_at = NULL, lease_pool = NULL,"
+        " updated_at = now()"
         " WHERE task_id = $1",
         uuid.UUID(task_id),
     )
     created: datetime = await conn.fetchval(
-        "INSERT INTO review.annotations (task_id, annotator_id, label, seconds_spent) VALUES ($1, $2, $3, $4)"
-        " RETURNING created_at",
+        "INSERT INTO review.annotations (task_id, annotator_id, label, seconds_spent, pool_id)"
+        " VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
         uuid.UUID(task_id),
         annotator_id,
         label,
         seconds,
+        pool_id,
     )
     return created
 
@@ -201,7 +394,7 @@ async def release(conn: asyncpg.Connection, task_id: str, state: State, *, skipp
     """End a lease without a label; `state` is service.state_after_lease."""
     await conn.execute(
         "UPDATE review.tasks SET state = $2, lease_id = NULL, lease_owner = NULL, lease_expires_at = NULL,"
-        " skips = skips + $3, updated_at = now() WHERE task_id = $1 AND state = 'leased'",
+        " lease_pool = NULL, skips = skips + $3, updated_at = now() WHERE task_id = $1 AND state = 'leased'",
         uuid.UUID(task_id),
         str(state),
         1 if skipped else 0,
@@ -224,7 +417,7 @@ async def expire_leases(conn: asyncpg.Connection) -> dict[State, int]:
     rows = await conn.fetch(
         "WITH ended AS (UPDATE review.tasks SET"
         " state = CASE WHEN withdraw_requested THEN 'withdrawn' ELSE 'open' END,"
-        " lease_id = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+        " lease_id = NULL, lease_owner = NULL, lease_expires_at = NULL, lease_pool = NULL, updated_at = now()"
         " WHERE state = 'leased' AND lease_expires_at < now() RETURNING state)"
         " SELECT state, count(*) AS n FROM ended GROUP BY state"
     )
@@ -258,3 +451,31 @@ async def queue_depth(conn: asyncpg.Connection) -> dict[str, int]:
         "SELECT state, count(*) AS n FROM review.tasks WHERE state IN ('open', 'leased') GROUP BY state"
     )
     return {r["state"]: r["n"] for r in rows}
+
+
+async def lock_skills(conn: asyncpg.Connection, project_id: str) -> None:
+    """Serializes a project's task inserts with its skill records: each reads what the other wrote,
+    and without the lock two concurrent transactions would each miss the other's rows."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('review.skills:' || $1))", project_id)
+
+
+async def record_item_skills(
+    conn: asyncpg.Connection, project_id: str, needs: Sequence[tuple[str, list[str]]]
+) -> None:
+    """Store what each item needs and apply it to its tasks already there (either may come first)."""
+    ids = [uuid.UUID(item_id) for item_id, _ in needs]
+    # Arrays of arrays cannot be ragged in PostgreSQL: pass each item's skills joined, split in SQL.
+    joined = ["\x1f".join(skills) for _, skills in needs]
+    await conn.execute(
+        "INSERT INTO review.item_skills (item_id, project_id, skills)"
+        " SELECT n.item_id, $1, string_to_array(n.skills, chr(31)) FROM unnest($2::uuid[], $3::text[])"
+        " AS n(item_id, skills) ON CONFLICT (item_id) DO UPDATE SET skills = EXCLUDED.skills",
+        project_id,
+        ids,
+        joined,
+    )
+    await conn.execute(
+        "UPDATE review.tasks t SET skills = s.skills FROM review.item_skills s"
+        " WHERE s.item_id = ANY($1::uuid[]) AND t.item_id = s.item_id",
+        ids,
+    )

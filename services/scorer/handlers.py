@@ -110,7 +110,7 @@ class Scorer:
             model.restore_proposal(entry, p.state)
         if len(labeled.y):
             adjudicate = model.add_labels(
-                features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids
+                features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids, labeled.weights
             )
             # add_labels saw the labels as they are now; the audit outcome rests on the first label.
             for p in proposals:
@@ -216,20 +216,24 @@ class Scorer:
     async def on_human_labels(self, delivery: Delivery) -> None:
         batch = delivery.message
         assert isinstance(batch, labels_pb2.HumanLabelBatch)
-        if not batch.labels:
+        # With overlap, each person's label comes as it is given (pending) and the aggregate after
+        # them: the model learns the aggregate only.
+        settled = [lb for lb in batch.labels if not lb.pending]
+        if not settled:
             return
         project = await self._projects.get(batch.project_id)
         names = project.label_names
-        unknown = [lb.label for lb in batch.labels if lb.label not in names]
+        unknown = [lb.label for lb in settled if lb.label not in names]
         if unknown:
             raise PermanentError(f"labels {sorted(set(unknown))} are not in project {project.project_id!r}")
-        firsts = [lb for lb in batch.labels if lb.reason != SECOND_OPINION]
-        seconds = [lb for lb in batch.labels if lb.reason == SECOND_OPINION]
+        firsts = [lb for lb in settled if lb.reason != SECOND_OPINION]
+        seconds = [lb for lb in settled if lb.reason == SECOND_OPINION]
         async with self._lock(project.project_id):
             model = await self._model(project)
             async with self._pool.acquire() as conn, conn.transaction():
                 new = await repo.record_human_labels(
-                    conn, [(lb.item_id, names.index(lb.label), lb.annotator_id) for lb in firsts]
+                    conn,
+                    [(lb.item_id, names.index(lb.label), lb.annotator_id, lb.weight or 1.0) for lb in firsts],
                 )
                 opinions = await repo.record_second_opinions(
                     conn, [(lb.item_id, names.index(lb.label), lb.annotator_id) for lb in seconds]
@@ -273,6 +277,7 @@ class Scorer:
                     features(np.vstack([n.embedding for n in new]), np.vstack([n.zero_shot for n in new])),
                     np.array([n.label for n in new]),
                     [n.item_id for n in new],
+                    np.array([n.weight for n in new]),
                 )
                 await self._ask_second_opinions(model, adjudicate, f"adjudicate:{delivery.msg_id}")
                 if model.budget_spent():

@@ -93,11 +93,12 @@ class HumanLabels:
     y: np.ndarray
     item_ids: list[str]
     second_opinion_asked: set[str]
+    weights: np.ndarray | None = None  # the aggregate's posterior per label (None = all 1)
 
 
 async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> HumanLabels:
     rows = await conn.fetch(
-        "SELECT item_id, embedding, zero_shot, human_label, second_opinion_requested FROM scorer.items"
+        "SELECT item_id, embedding, zero_shot, human_label, human_weight, second_opinion_requested FROM scorer.items"
         " WHERE project_id = $1 AND human_label IS NOT NULL ORDER BY labeled_at, item_id",
         project_id,
     )
@@ -110,6 +111,7 @@ async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> HumanL
         y=np.array([r["human_label"] for r in rows], dtype=np.int64),
         item_ids=[str(r["item_id"]) for r in rows],
         second_opinion_asked={str(r["item_id"]) for r in rows if r["second_opinion_requested"]},
+        weights=np.array([r["human_weight"] for r in rows], dtype=np.float64),
     )
 
 
@@ -219,23 +221,26 @@ class Labeled:
     label: int
     reason: str
     predicted_label: int
+    weight: float = 1.0
 
 
 async def record_human_labels(
-    conn: asyncpg.Connection, labels: Sequence[tuple[str, int, str]]
+    conn: asyncpg.Connection, labels: Sequence[tuple[str, int, str, float]]
 ) -> list[Labeled]:
     """Store human labels once; returns the ones that were new."""
     if not labels:
         return []
     rows = await conn.fetch(
         "UPDATE scorer.items i SET human_label = l.label, annotator_id = l.annotator, state = 'human',"
-        " labeled_at = now()"
-        " FROM unnest($1::uuid[], $2::int[], $3::text[]) AS l(item_id, label, annotator)"
+        " labeled_at = now(), human_weight = l.weight"
+        " FROM unnest($1::uuid[], $2::int[], $3::text[], $4::real[]) AS l(item_id, label, annotator, weight)"
         " WHERE i.item_id = l.item_id AND i.human_label IS NULL"
-        " RETURNING i.item_id, i.embedding, i.zero_shot, i.human_label, i.reason, i.predicted_label",
+        " RETURNING i.item_id, i.embedding, i.zero_shot, i.human_label, i.reason, i.predicted_label,"
+        " i.human_weight",
         [x[0] for x in labels],
         [x[1] for x in labels],
         [x[2] for x in labels],
+        [x[3] for x in labels],
     )
     return [
         Labeled(
@@ -245,6 +250,7 @@ async def record_human_labels(
             r["human_label"],
             r["reason"],
             r["predicted_label"],
+            r["human_weight"],
         )
         for r in rows
     ]

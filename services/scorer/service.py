@@ -84,6 +84,8 @@ class ProjectModel:
         # would make a long project quadratic.
         self._X = np.zeros((64, self.n_features), dtype=np.float32)
         self._y = np.zeros(64, dtype=np.int64)
+        # Training weight per label: 1, or an aggregated label's posterior (several people).
+        self._w = np.ones(64, dtype=np.float64)
         self._n = 0
         self.item_ids: list[str] = []
         self._rows: dict[str, int] = {}
@@ -111,7 +113,9 @@ class ProjectModel:
     def n_labels(self) -> int:
         return self._n
 
-    def add_labels(self, X: np.ndarray, y: np.ndarray, item_ids: list[str]) -> list[tuple[str, int]]:
+    def add_labels(
+        self, X: np.ndarray, y: np.ndarray, item_ids: list[str], weights: np.ndarray | None = None
+    ) -> list[tuple[str, int]]:
         """Append human labels in arrival order. A label on a proposed item is also its audit
         outcome (or, for an item handed back to people, its disagreement become known).
 
@@ -126,8 +130,10 @@ class ProjectModel:
                 [self._X[: self._n], np.zeros((capacity - self._n, self._X.shape[1]), np.float32)]
             )
             self._y = np.concatenate([self._y[: self._n], np.zeros(capacity - self._n, np.int64)])
+            self._w = np.concatenate([self._w[: self._n], np.ones(capacity - self._n, np.float64)])
         self._X[self._n : end] = np.asarray(X, dtype=np.float32)
         self._y[self._n : end] = np.asarray(y, dtype=np.int64)
+        self._w[self._n : end] = 1.0 if weights is None else np.asarray(weights, dtype=np.float64)
         self._n = end
         adjudicate = []
         for item_id, label in zip(item_ids, np.asarray(y).tolist(), strict=True):
@@ -179,7 +185,7 @@ class ProjectModel:
         n, pending = self._n, self.pending_labels
         if pending == 0 and self.refits > 0:
             return
-        self.classifier.fit(self._X[:n], self._y[:n].copy())
+        self.classifier.fit(self._X[:n], self._y[:n].copy(), weight=self._w[:n].copy())
         self.refits += 1
         self.pending_labels -= pending
 

@@ -361,32 +361,35 @@ async def test_nobody_gives_the_second_opinion_on_their_own_label(review: Review
     assert (x1.item_id, x1.round) == (x, 1)
     assert (await second.review.SubmitLabel(_submit(x1, "no"))).accepted
 
-    # Item y: both rounds wait at once, so first can lease the second opinion before giving the
-    # first label; once they have, they cannot give the second.
+    # Item y: both rounds wait at once. Holding one task of an item, nobody is handed another.
     y = str(uuid.uuid4())
     await review.publish(_batch(_task(y, 0.9, round_=1), _task(y, 0.5)))
     await review.stats_until(lambda s: s.open == 2)
     y1 = await _next(first)
-    y0 = await _next(first)
-    assert [(y1.item_id, y1.round), (y0.item_id, y0.round)] == [(y, 1), (y, 0)]
-    assert (await first.review.SubmitLabel(_submit(y0))).accepted
-    assert await _refused(first.review.SubmitLabel(_submit(y1))) == grpc.StatusCode.PERMISSION_DENIED
+    assert (y1.item_id, y1.round) == (y, 1)
+    code = await _refused(first.review.NextTask(review_pb2.NextTaskRequest(project_id="rv")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    y0 = await _next(second)
+    assert (y0.item_id, y0.round) == (y, 0)
+    assert (await second.review.SubmitLabel(_submit(y0))).accepted
 
-    # Item z: the same, both labels sent at once; whichever lands first, the other is refused.
+    # Item z: the same, with both claims sent at once: one person's claims run one after the
+    # other, so the second sees the first's lease.
     z = str(uuid.uuid4())
     await review.publish(_batch(_task(z, 0.9, round_=1), _task(z, 0.5)))
     await review.stats_until(lambda s: s.open == 2)
-    z1, z0 = await _next(first), await _next(first)
-    assert {(z1.item_id, z1.round), (z0.item_id, z0.round)} == {(z, 1), (z, 0)}
     answers = await asyncio.gather(
-        first.review.SubmitLabel(_submit(z0)), first.review.SubmitLabel(_submit(z1)), return_exceptions=True
+        first.review.NextTask(review_pb2.NextTaskRequest(project_id="rv")),
+        first.review.NextTask(review_pb2.NextTaskRequest(project_id="rv")),
+        return_exceptions=True,
     )
-    accepted = [a for a in answers if isinstance(a, review_pb2.SubmitLabelResponse) and a.accepted]
+    got = [a for a in answers if isinstance(a, review_pb2.Task)]
     refused = [a.code() for a in answers if isinstance(a, grpc.aio.AioRpcError)]
-    assert (len(accepted), refused) == (1, [grpc.StatusCode.PERMISSION_DENIED]), answers
+    assert (len(got), refused) == (1, [grpc.StatusCode.NOT_FOUND]), answers
+    assert got[0].item_id == z
 
-    stats = await review.stats_until(lambda s: s.done == 4)
-    assert (stats.open, stats.leased, stats.done) == (0, 2, 4)  # the refused ones still wait, unanswered
+    stats = await review.stats_until(lambda s: s.done == 3)
+    assert (stats.open, stats.leased, stats.done) == (1, 2, 3)
 
 
 async def test_a_skipped_task_goes_to_others_not_back_to_the_skipper(review: Review) -> None:
@@ -416,7 +419,7 @@ async def test_a_skipped_task_goes_to_others_not_back_to_the_skipper(review: Rev
 
 async def test_second_opinion_mode_and_hidden_suggestions(review: Review, js: JetStreamContext) -> None:
     reviewer, _ = await review.person("rev", role=Role.REVIEWER)
-    first_item, second_item = str(uuid.uuid4()), str(uuid.uuid4())
+    first_item, second_item, third_item = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
     ordinary = tasks_pb2.ReviewTask(
         item_id=first_item,
         project_id="rv",
@@ -427,8 +430,9 @@ async def test_second_opinion_mode_and_hidden_suggestions(review: Review, js: Je
         confidence=0.8,
         reason="uncertain",
     )
+    # Another item: nobody holds two tasks of one item at once.
     audit = tasks_pb2.ReviewTask(
-        item_id=second_item,
+        item_id=third_item,
         project_id="rv",
         external_id="b",
         text="b",

@@ -18,7 +18,7 @@ from services.review.service import (
     Task,
     check_lease,
     check_submit,
-    labeled_other_round,
+    labeled_other_task,
     lease_seconds,
     shows_suggestion,
     state_after_lease,
@@ -117,11 +117,14 @@ def test_nobody_gives_the_second_opinion_on_their_own_label() -> None:
     assert check_submit(LEASED, _claim(), "yes", LABELS, [PriorLabel(1, "second")]) is Submit.RECORD
 
 
-def test_labeled_other_round() -> None:
-    assert labeled_other_round(2, "ann", [PriorLabel(0, "b"), PriorLabel(1, "ann")])
-    assert labeled_other_round(0, "ann", [PriorLabel(2, "ann")])
-    assert not labeled_other_round(1, "ann", [PriorLabel(1, "ann"), PriorLabel(0, "b")])
-    assert not labeled_other_round(1, "ann", [])
+def test_labeled_other_task() -> None:
+    assert labeled_other_task(2, 0, "ann", [PriorLabel(0, "b"), PriorLabel(1, "ann")])
+    assert labeled_other_task(0, 0, "ann", [PriorLabel(2, "ann")])
+    assert not labeled_other_task(1, 0, "ann", [PriorLabel(1, "ann"), PriorLabel(0, "b")])
+    assert not labeled_other_task(1, 0, "ann", [])
+    # Overlap: another slot of the same round is another task of the item.
+    assert labeled_other_task(0, 1, "ann", [PriorLabel(0, "ann", 0)])
+    assert not labeled_other_task(0, 1, "ann", [PriorLabel(0, "ann", 1), PriorLabel(0, "b", 0)])
 
 
 def test_skip_and_extend_need_the_current_lease() -> None:

@@ -68,6 +68,10 @@ REVIEW_TASKS = ConsumerSpec(
     "review-tasks", "TANDEM_TASKS", (Subject.TASKS_REVIEW_REQUESTED, Subject.TASKS_WITHDRAWN)
 )
 EXPORT_LABELS = ConsumerSpec("export-labels", "TANDEM_LABELS", (Subject.LABELS_FINALIZED,))
+# Every person's label, for the export's raw labels (with overlap, several per item).
+EXPORT_RAW_LABELS = ConsumerSpec("export-raw-labels", "TANDEM_LABELS", (Subject.LABELS_ANNOTATED,))
+# Item metadata, for the skills a task needs (projects with skill fields only).
+REVIEW_ITEMS = ConsumerSpec("review-items", "TANDEM_ITEMS", (Subject.ITEMS_INGESTED,))
 
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     INFERENCE,
@@ -76,6 +80,8 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     SCORER_LABELS,
     REVIEW_TASKS,
     EXPORT_LABELS,
+    EXPORT_RAW_LABELS,
+    REVIEW_ITEMS,
 )
 
 PROJECTS_BUCKET = "tandem_projects"

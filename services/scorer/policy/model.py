@@ -207,9 +207,16 @@ class LRClassifier:
     def n_fitted(self) -> int:
         return int(self._y.shape[0])
 
-    def fit(self, X: np.ndarray, y: np.ndarray, pseudo: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        pseudo: tuple[np.ndarray, np.ndarray] | None = None,
+        weight: np.ndarray | None = None,
+    ) -> None:
         """Refit on all labeled rows (appended in arrival order). pseudo = (rows, labels) of confident
-        unlabeled items for self-training; they train the model but are never scored out-of-fold."""
+        unlabeled items for self-training; they train the model but are never scored out-of-fold.
+        weight: per labeled row (an aggregated label's posterior), 1 when None."""
         Xf = np.asarray(X, dtype=np.float64).reshape(-1, self._d + self._k)
         yf = np.asarray(y, dtype=np.int64).reshape(-1)
         self._X, self._y = Xf, yf
@@ -218,12 +225,13 @@ class LRClassifier:
         if not self.uses_lr:
             self._centroids.fit(Xf[:, : self._d], yf)
             return
+        wl = np.ones(yf.size) if weight is None else np.asarray(weight, dtype=np.float64).reshape(-1)
         if pseudo is not None and pseudo[1].size and self._config.pseudo_label_weight > 0:
             Xt = np.vstack([Xf, pseudo[0]])
             yt = np.concatenate([yf, pseudo[1]])
-            wt = np.concatenate([np.ones(yf.size), np.full(pseudo[1].size, self._config.pseudo_label_weight)])
+            wt = np.concatenate([wl, np.full(pseudo[1].size, self._config.pseudo_label_weight)])
         else:
-            Xt, yt, wt = Xf, yf, np.ones(yf.size)
+            Xt, yt, wt = Xf, yf, wl
         self._lr.fit(Xt, yt, wt)
         self._train = (Xt, yt, wt)
 
