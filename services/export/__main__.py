@@ -1,8 +1,8 @@
-"""`python -m services.export`: materializes final labels and serves exports."""
+"""`python -m services.export`: materializes items, raw and final labels, and serves exports."""
 
 from __future__ import annotations
 
-from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS
+from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_RAW_LABELS
 from services.common.lifecycle import Runtime, run
 from services.export.handlers import ExportServicer, ExportStatsServicer, Materializer
 from services.export.repo import SCHEMA
@@ -18,6 +18,7 @@ def main() -> None:
         materializer = Materializer(rt.pool)
         rt.add_worker(EXPORT_ITEMS, materializer.on_items, fetch_batch=16)
         rt.add_worker(EXPORT_LABELS, materializer.on_final_labels, fetch_batch=16)
+        rt.add_worker(EXPORT_RAW_LABELS, materializer.on_human_labels, fetch_batch=16)
         export_pb2_grpc.add_ExportServiceServicer_to_server(
             ExportServicer(rt.pool, settings, rt.auth.view), rt.grpc_server
         )

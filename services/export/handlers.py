@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import grpc
@@ -15,6 +16,7 @@ from services.common.bus.worker import Delivery
 from services.common.errors import PermanentError
 from services.common.grpc_context import Context
 from services.export import repo
+from services.export.service import RawLabel, person_of
 from services.export.settings import ExportSettings
 from services.gen.tandem.export.v1 import export_pb2, export_pb2_grpc
 from services.gen.tandem.items.v1 import items_pb2
@@ -24,10 +26,16 @@ from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 ROWS = Counter("tandem_export_rows_total", "Rows written to exports.")
 SECONDS = Histogram("tandem_export_seconds", "Time to create an export snapshot.")
 FINALIZED = Counter("tandem_export_final_labels_total", "Final labels received, by source.", ["source"])
+RAW = Counter(
+    "tandem_export_raw_labels_total",
+    "Human labels received: a person's own (kept) or not (an aggregate, or without annotator).",
+    ["kind"],
+)
 
 
 class Materializer:
-    """Keeps copies of items and the strongest final label of each, from the bus."""
+    """Keeps copies of items, people's own labels and the strongest final label of each, from
+    the bus."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -50,6 +58,42 @@ class Materializer:
             raise PermanentError(str(exc)) from exc
         for lb in batch.labels:
             FINALIZED.labels(labels_pb2.LabelSource.Name(lb.source)).inc()
+
+    async def on_human_labels(self, delivery: Delivery) -> None:
+        batch = delivery.message
+        assert isinstance(batch, labels_pb2.HumanLabelBatch)
+        raw = _raw_labels(batch)
+        if not raw:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                await repo.insert_raw_labels(conn, raw)
+        except ValueError as exc:  # asyncpg's DataError: an item id that is not a UUID
+            raise PermanentError(str(exc)) from exc
+
+
+def _raw_labels(batch: labels_pb2.HumanLabelBatch) -> list[RawLabel]:
+    out: list[RawLabel] = []
+    for lb in batch.labels:
+        person = person_of(lb.pending, lb.annotator_id, lb.annotator_ids)
+        if person is None:
+            RAW.labels("aggregate" if not lb.pending and len(lb.annotator_ids) > 1 else "anonymous").inc()
+            continue
+        RAW.labels("person").inc()
+        out.append(
+            RawLabel(
+                item_id=lb.item_id,
+                project_id=batch.project_id,
+                task_id=lb.task_id,
+                annotator_id=person,
+                pool_id=lb.pool_id,
+                label=lb.label,
+                reason=lb.reason,
+                seconds_spent=lb.seconds_spent,
+                labeled_at=datetime.fromtimestamp(lb.labeled_unix_ms / 1000, tz=UTC),
+            )
+        )
+    return out
 
 
 def _info(row: asyncpg.Record) -> export_pb2.ExportInfo:

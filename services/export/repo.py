@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from services.export.service import SOURCE_RANK, source_name
+from services.export.service import SOURCE_RANK, RawLabel, source_name
 from services.gen.tandem.items.v1 import items_pb2
 from services.gen.tandem.labels.v1 import labels_pb2
 
@@ -43,14 +43,15 @@ async def upsert_final_labels(
     sources = [source_name(lb.source) for lb in labels]
     await conn.execute(
         "INSERT INTO export.final_labels (item_id, project_id, label, source, source_rank, confidence,"
-        " model_version, annotator_ids, finalized_at)"
-        " SELECT u.id, $2, u.label, u.source, u.rnk, u.conf, u.model, coalesce(string_to_array(u.annotators, ','), '{}'), u.ts"
+        " model_version, annotator_ids, finalized_at, method)"
+        " SELECT u.id, $2, u.label, u.source, u.rnk, u.conf, u.model, coalesce(string_to_array(u.annotators, ','), '{}'), u.ts,"
+        " u.method"
         " FROM unnest($1::uuid[], $3::text[], $4::text[], $5::smallint[], $6::real[], $7::text[], $8::text[],"
-        " $9::timestamptz[]) AS u(id, label, source, rnk, conf, model, annotators, ts)"
+        " $9::timestamptz[], $10::text[]) AS u(id, label, source, rnk, conf, model, annotators, ts, method)"
         " ON CONFLICT (item_id) DO UPDATE SET label = EXCLUDED.label, source = EXCLUDED.source,"
         " source_rank = EXCLUDED.source_rank, confidence = EXCLUDED.confidence,"
         " model_version = EXCLUDED.model_version, annotator_ids = EXCLUDED.annotator_ids,"
-        " finalized_at = EXCLUDED.finalized_at, updated_at = now()"
+        " finalized_at = EXCLUDED.finalized_at, method = EXCLUDED.method, updated_at = now()"
         " WHERE EXCLUDED.source_rank >= export.final_labels.source_rank",
         [lb.item_id for lb in labels],
         project_id,
@@ -61,6 +62,27 @@ async def upsert_final_labels(
         [lb.model_version for lb in labels],
         [",".join(lb.annotator_ids) if lb.annotator_ids else None for lb in labels],
         [_ts(lb.finalized_unix_ms) for lb in labels],
+        [lb.method for lb in labels],
+    )
+
+
+async def insert_raw_labels(conn: asyncpg.Connection, labels: Sequence[RawLabel]) -> None:
+    """Store people's own labels; one already stored (a redelivery) is left as it is."""
+    await conn.execute(
+        "INSERT INTO export.raw_labels (item_id, project_id, task_id, annotator_id, pool_id, label, reason,"
+        " seconds_spent, labeled_at)"
+        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
+        " $7::text[], $8::float8[], $9::timestamptz[])"
+        " ON CONFLICT (item_id, task_id, annotator_id) DO NOTHING",
+        [lb.item_id for lb in labels],
+        [lb.project_id for lb in labels],
+        [lb.task_id for lb in labels],
+        [lb.annotator_id for lb in labels],
+        [lb.pool_id for lb in labels],
+        [lb.label for lb in labels],
+        [lb.reason for lb in labels],
+        [lb.seconds_spent for lb in labels],
+        [lb.labeled_at for lb in labels],
     )
 
 
@@ -79,8 +101,16 @@ async def create_snapshot(conn: asyncpg.Connection, project_id: str) -> asyncpg.
         "  'confidence', f.confidence, 'model_version', f.model_version, 'annotator_ids', f.annotator_ids,"
         "  'below_target', f.source = 'model', 'synthetic', i.synthetic, 'metadata', i.metadata,"
         "  'ingested_at', i.ingested_at,"
-        "  'finalized_at', f.finalized_at)"
-        " FROM export.items i JOIN export.final_labels f USING (item_id) WHERE i.project_id = $2",
+        "  'finalized_at', f.finalized_at,"
+        "  'aggregation', f.method, 'posterior', f.confidence, 'raw_labels', r.raw_labels)"
+        " FROM export.items i JOIN export.final_labels f USING (item_id)"
+        # An aggregate without GROUP BY yields one row even for an item nobody labeled (an empty
+        # list then), so every item keeps its line; each item's labels are one index range scan.
+        " CROSS JOIN LATERAL (SELECT coalesce(jsonb_agg(jsonb_build_object("
+        "  'annotator_id', rl.annotator_id, 'pool_id', rl.pool_id, 'label', rl.label,"
+        "  'labeled_at', rl.labeled_at, 'reason', rl.reason) ORDER BY rl.labeled_at, rl.annotator_id),"
+        "  '[]'::jsonb) AS raw_labels FROM export.raw_labels rl WHERE rl.item_id = i.item_id) r"
+        " WHERE i.project_id = $2",
         export_id,
         project_id,
     )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
 from services.gen.tandem.labels.v1 import labels_pb2
 
 SOURCE_NAMES = {
@@ -22,3 +26,32 @@ def source_name(source: labels_pb2.LabelSource.ValueType) -> str:
         return SOURCE_NAMES[source]
     except KeyError:
         raise ValueError(f"final label with unknown source {source}") from None
+
+
+@dataclass(frozen=True)
+class RawLabel:
+    """One person's own label on an item, as exported next to the final label."""
+
+    item_id: str
+    project_id: str
+    task_id: str
+    annotator_id: str
+    pool_id: str
+    label: str
+    reason: str
+    seconds_spent: float
+    labeled_at: datetime
+
+
+def person_of(pending: bool, annotator_id: str, annotator_ids: Sequence[str]) -> str | None:
+    """Whose own label a published human label is, or None when it is nobody's alone.
+
+    With overlap every person's label is published pending, and the aggregate of them follows
+    (not pending, naming all its annotators): storing that one too would count a vote twice.
+    Without overlap the one label is not pending and names one annotator at most.
+    """
+    if not pending and len(annotator_ids) > 1:
+        return None
+    person = annotator_id or (annotator_ids[0] if len(annotator_ids) == 1 else "")
+    # Without an annotator the label cannot be attributed, and the key needs one.
+    return person or None

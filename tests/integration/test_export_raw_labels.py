@@ -1,0 +1,233 @@
+"""The export on real servers carries every person's own label next to the aggregated one.
+
+Labels are published on the bus directly, shaped as the review service sends them with overlap:
+each person's label pending, then the aggregate of them (not pending, naming all its annotators)
+and the final label with its aggregation method. Only people's own labels may reach the export,
+and a message delivered twice must not add a label twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import pytest
+from google.protobuf.message import Message
+from nats.js import JetStreamContext
+
+from services.cli.client import channel
+from services.cli.stack import Stack
+from services.common.bus.contracts import subject_for
+from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_RAW_LABELS, ConsumerSpec
+from services.gen.tandem.export.v1 import export_pb2, export_pb2_grpc
+from services.gen.tandem.items.v1 import items_pb2
+from services.gen.tandem.labels.v1 import labels_pb2
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+PROJECT = "overlap"
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path / "state", nats_url=nats_url, database_url=database_url, services=("export",))
+    await asyncio.to_thread(stack.start)
+    try:
+        yield stack
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+
+async def _publish(js: JetStreamContext, message: Message) -> None:
+    # A fresh Nats-Msg-Id each time: the server's duplicate window must not hide a second copy,
+    # so a repeated message reaches the consumer as a redelivery would.
+    await js.publish(
+        str(subject_for(message)), message.SerializeToString(), headers={"Nats-Msg-Id": str(uuid.uuid4())}
+    )
+
+
+async def _drained(js: JetStreamContext, spec: ConsumerSpec, delivered: int, within: float = 30) -> None:
+    """Wait until the consumer was handed `delivered` messages and acknowledged every one (the
+    worker acks after the handler's transaction committed)."""
+    deadline = time.monotonic() + within
+    while True:
+        info = await js.consumer_info(spec.stream, spec.name)
+        done = info.num_pending == 0 and info.num_ack_pending == 0
+        if done and info.delivered.consumer_seq == delivered:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{spec.name} did not settle: {info}")
+        await asyncio.sleep(0.1)
+
+
+def _human(
+    item_id: str,
+    task_id: str,
+    annotator_id: str,
+    label: str,
+    at_ms: int,
+    *,
+    pool_id: str = "",
+    pending: bool = False,
+    annotator_ids: tuple[str, ...] = (),
+) -> labels_pb2.HumanLabelBatch:
+    return labels_pb2.HumanLabelBatch(
+        batch_id=str(uuid.uuid4()),
+        project_id=PROJECT,
+        labels=[
+            labels_pb2.HumanLabel(
+                item_id=item_id,
+                task_id=task_id,
+                label=label,
+                annotator_id=annotator_id,
+                seconds_spent=4.5,
+                labeled_unix_ms=at_ms,
+                reason="uncertain",
+                pool_id=pool_id,
+                pending=pending,
+                annotator_ids=annotator_ids,
+            )
+        ],
+    )
+
+
+def _final(
+    item_id: str,
+    label: str,
+    source: labels_pb2.LabelSource.ValueType,
+    method: str,
+    confidence: float,
+    annotators: tuple[str, ...],
+    at_ms: int,
+) -> labels_pb2.FinalLabelBatch:
+    return labels_pb2.FinalLabelBatch(
+        batch_id=str(uuid.uuid4()),
+        project_id=PROJECT,
+        labels=[
+            labels_pb2.FinalLabel(
+                item_id=item_id,
+                label=label,
+                source=source,
+                confidence=confidence,
+                annotator_ids=annotators,
+                finalized_unix_ms=at_ms,
+                method=method,
+            )
+        ],
+    )
+
+
+async def _export(stack: Stack) -> tuple[export_pb2.ExportInfo, dict[str, dict[str, Any]]]:
+    async with channel(stack.targets["export"], stack.admin_token) as ch:
+        stub = export_pb2_grpc.ExportServiceStub(ch)
+        info = await stub.CreateExport(export_pb2.CreateExportRequest(project_id=PROJECT), timeout=10)
+        request = export_pb2.StreamExportRequest(export_id=info.export_id)
+        text = b"".join([c.jsonl async for c in stub.StreamExport(request, timeout=10)]).decode()
+    lines = [json.loads(line) for line in text.splitlines() if line]
+    return info, {line["item_id"]: line for line in lines}
+
+
+async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> None:
+    overlap_item, single_item = str(uuid.uuid4()), str(uuid.uuid4())
+    now = int(time.time() * 1000)
+    nc = await nats.connect(stack.nats_url, connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        await _publish(
+            js,
+            items_pb2.ItemBatch(
+                batch_id=str(uuid.uuid4()),
+                project_id=PROJECT,
+                items=[
+                    items_pb2.Item(
+                        item_id=item_id,
+                        project_id=PROJECT,
+                        external_id=ext,
+                        text=f"text {ext}",
+                        ingested_unix_ms=now - 60_000,
+                    )
+                    for item_id, ext in ((overlap_item, "one"), (single_item, "two"))
+                ],
+            ),
+        )
+        # Published out of time order: the export orders raw labels by when they were given.
+        ann_a = _human(overlap_item, "t1-a", "ann-a", "cat", now - 5_000, pool_id="north", pending=True)
+        ann_b = _human(overlap_item, "t1-b", "ann-b", "dog", now - 9_000, pool_id="south", pending=True)
+        # The aggregate of the two: a real label on the subject, but nobody's own.
+        aggregate = _human(overlap_item, "t1-final", "", "cat", now - 4_000, annotator_ids=("ann-a", "ann-b"))
+        single = _human(single_item, "t2", "ann-c", "bird", now - 3_000, pool_id="north")
+        for message in (ann_a, ann_b, aggregate, single):
+            await _publish(js, message)
+        await _publish(
+            js,
+            _final(
+                overlap_item,
+                "cat",
+                labels_pb2.LABEL_SOURCE_CONSENSUS,
+                "dawid_skene",
+                0.93,
+                ("ann-a", "ann-b"),
+                now - 4_000,
+            ),
+        )
+        await _publish(
+            js,
+            _final(
+                single_item, "bird", labels_pb2.LABEL_SOURCE_HUMAN, "single", 1.0, ("ann-c",), now - 3_000
+            ),
+        )
+        # The same person's label once more, as a redelivery after a crash before the ack would.
+        await _publish(js, ann_a)
+
+        await _drained(js, EXPORT_ITEMS, delivered=1)
+        await _drained(js, EXPORT_LABELS, delivered=2)
+        await _drained(js, EXPORT_RAW_LABELS, delivered=5)
+    finally:
+        await nc.close()
+
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        stored = await conn.fetch(
+            "SELECT item_id::text AS item_id, annotator_id, task_id, seconds_spent FROM export.raw_labels"
+            " ORDER BY annotator_id"
+        )
+    finally:
+        await conn.close()
+    assert [(r["item_id"], r["annotator_id"], r["task_id"]) for r in stored] == [
+        (overlap_item, "ann-a", "t1-a"),
+        (overlap_item, "ann-b", "t1-b"),
+        (single_item, "ann-c", "t2"),
+    ]
+    assert {r["seconds_spent"] for r in stored} == {4.5}
+
+    info, lines = await _export(stack)
+    assert (info.rows, info.pending) == (2, 0)
+    assert set(lines) == {overlap_item, single_item}
+
+    first = lines[overlap_item]
+    assert [(r["annotator_id"], r["pool_id"], r["label"]) for r in first["raw_labels"]] == [
+        ("ann-b", "south", "dog"),
+        ("ann-a", "north", "cat"),
+    ]
+    assert all(
+        set(r) == {"annotator_id", "pool_id", "label", "labeled_at", "reason"} for r in first["raw_labels"]
+    )
+    assert first["raw_labels"][0]["reason"] == "uncertain"
+    assert first["raw_labels"][0]["labeled_at"] < first["raw_labels"][1]["labeled_at"]
+    assert (first["label"], first["source"], first["aggregation"]) == ("cat", "consensus", "dawid_skene")
+    assert first["posterior"] == pytest.approx(0.93, abs=1e-6)
+    assert first["confidence"] == first["posterior"]
+    assert sorted(first["annotator_ids"]) == ["ann-a", "ann-b"]
+
+    second = lines[single_item]
+    assert [(r["annotator_id"], r["pool_id"], r["label"]) for r in second["raw_labels"]] == [
+        ("ann-c", "north", "bird")
+    ]
+    assert (second["aggregation"], second["posterior"]) == ("single", 1.0)
