@@ -23,6 +23,16 @@ from services.gen.tandem.review.v1 import review_pb2
 
 
 @dataclass(frozen=True)
+class Profile:
+    """One simulated person: how often they are right, how fast, whether they answer at random."""
+
+    name: str
+    accuracy: float = 0.98
+    seconds_per_item: float = 0.25
+    spammer: bool = False
+
+
+@dataclass(frozen=True)
 class WorkforceConfig:
     project_id: str
     annotators: int = 4
@@ -30,6 +40,16 @@ class WorkforceConfig:
     seconds_per_item: float = 0.25
     seed: int = 7
     idle_poll_seconds: float = 0.2
+    # A heterogeneous workforce; empty = `annotators` alike at `error_rate` and `seconds_per_item`.
+    profiles: tuple[Profile, ...] = ()
+
+    def people(self) -> tuple[Profile, ...]:
+        if self.profiles:
+            return self.profiles
+        return tuple(
+            Profile(f"sim-{i + 1:02d}", 1.0 - self.error_rate, self.seconds_per_item)
+            for i in range(self.annotators)
+        )
 
 
 @dataclass
@@ -40,6 +60,8 @@ class WorkforceStats:
     refused: int = 0
     seconds_busy: float = 0.0
     by_annotator: dict[str, int] = field(default_factory=dict)
+    # People the gold check paused, with the tasks they had answered by then.
+    paused_after: dict[str, int] = field(default_factory=dict)
 
 
 Done = Callable[[], Awaitable[bool]]
@@ -73,12 +95,12 @@ class Workforce:
                     raise
                 await asyncio.sleep(0.5)
 
-        names = [f"sim-{i + 1:02d}" for i in range(self._config.annotators)]
-        sessions = [await self._log_in(name) for name in names]
+        people = self._config.people()
+        sessions = [await self._log_in(p.name) for p in people]
         watcher = asyncio.create_task(watch())
         workers = [
-            asyncio.create_task(self._annotator(session, name, i, finished, stop))
-            for i, (name, session) in enumerate(zip(names, sessions, strict=True))
+            asyncio.create_task(self._annotator(session, person, i, finished, stop))
+            for i, (person, session) in enumerate(zip(people, sessions, strict=True))
         ]
         try:
             await asyncio.gather(*workers)
@@ -122,30 +144,39 @@ class Workforce:
         return Clients(self._clients.targets, token=login.token)
 
     async def _annotator(
-        self, session: Clients, name: str, index: int, finished: asyncio.Event, stop: asyncio.Event
+        self, session: Clients, person: Profile, index: int, finished: asyncio.Event, stop: asyncio.Event
     ) -> None:
         rng = random.Random(self._config.seed * 1000 + index)
         cfg = self._config
+        name = person.name
         while not finished.is_set() and not stop.is_set():
             try:
                 task = await session.review.NextTask(
                     review_pb2.NextTaskRequest(project_id=cfg.project_id), timeout=10
                 )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    # Paused (the gold check found them out): they get no more work here.
+                    self.stats.paused_after[name] = self.stats.by_annotator.get(name, 0)
+                    return
+                if exc.code() not in (
+                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ):
                     raise
                 await asyncio.sleep(cfg.idle_poll_seconds)
                 continue
-            label = self._answer(task, rng)
-            if cfg.seconds_per_item > 0:
-                await asyncio.sleep(cfg.seconds_per_item)
+            label = self._answer(task, rng, person)
+            if person.seconds_per_item > 0:
+                await asyncio.sleep(person.seconds_per_item)
             try:
                 await session.review.SubmitLabel(
                     review_pb2.SubmitLabelRequest(
                         task_id=task.task_id,
                         lease_id=task.lease_id,
                         label=label,
-                        seconds_spent=cfg.seconds_per_item,
+                        seconds_spent=person.seconds_per_item,
                     ),
                     timeout=10,
                 )
@@ -155,16 +186,18 @@ class Workforce:
                 self.stats.refused += 1
                 continue
             self.stats.submitted += 1
-            self.stats.seconds_busy += cfg.seconds_per_item
+            self.stats.seconds_busy += person.seconds_per_item
             self.stats.by_annotator[name] = self.stats.by_annotator.get(name, 0) + 1
 
-    def _answer(self, task: review_pb2.Task, rng: random.Random) -> str:
+    def _answer(self, task: review_pb2.Task, rng: random.Random, person: Profile) -> str:
         truth = self._gold.get(task.external_id)
         labels = list(task.labels)
+        if person.spammer:
+            return rng.choice(labels)
         if truth is None or truth not in labels:
             self.stats.no_gold += 1
             return task.suggested_label or labels[0]
-        if rng.random() < self._config.error_rate:
+        if rng.random() >= person.accuracy:
             self.stats.wrong_on_purpose += 1
             return rng.choice([lb for lb in labels if lb != truth])
         return truth

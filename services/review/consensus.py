@@ -42,9 +42,8 @@ def settle_item(
     if len(votes) == 1:
         return Settled(votes[0][1], 1.0, "single")
     if model is None:
-        counts = [lb for _, lb in votes]
-        best = max(set(counts), key=lambda lb: (counts.count(lb), -counts.index(lb)))
-        return Settled(best, counts.count(best) / len(counts), "majority_vote")
+        vote = aggregation.majority_vote([Judgment("item", a, lb) for a, lb in votes], labels)["item"]
+        return Settled(vote.label, vote.posterior, vote.method)
     posterior = model.posterior(list(votes))
     k = int(posterior.argmax())
     return Settled(labels[k], float(posterior[k]), "dawid_skene")
@@ -64,6 +63,9 @@ class ConsensusKeeper:
         self._models: dict[str, aggregation.DawidSkeneModel] = {}
         self._dirty: dict[str, float] = {}
         self._on_changed = on_changed
+        # A refit reads and fits every overlap label of the project: on a large project it takes
+        # seconds, so the next one waits at least ten times as long as the last took.
+        self._next_at: dict[str, float] = {}
 
     def model(self, project_id: str) -> aggregation.DawidSkeneModel | None:
         return self._models.get(project_id)
@@ -103,9 +105,13 @@ class ConsensusKeeper:
     async def loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             for project_id in list(self._dirty):
+                if time.monotonic() < self._next_at.get(project_id, 0.0):
+                    continue
                 self._dirty.pop(project_id, None)
+                started = time.monotonic()
                 try:
                     changed = await self.refit(project_id)
+                    self._next_at[project_id] = time.monotonic() + 10 * (time.monotonic() - started)
                     if changed:
                         log.info(
                             "project %s: %d aggregated labels changed after a refit", project_id, len(changed)

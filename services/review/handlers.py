@@ -279,7 +279,10 @@ class ReviewDesk:
         raw.pending = True
         outgoing = [_human_batch(task, raw, f"annotated:{task.task_id}")]
         paused = await repo.paused(conn, task.project_id)
-        decision = service.settle(slots, project.max_overlap, paused)
+        needed = service.slots_needed(
+            project.overlap, project.max_overlap, project.overlap_below_confidence, task.confidence
+        )
+        decision = service.settle(slots, needed, project.max_overlap, paused)
         if decision is Settle.ONE_MORE:
             slot = max(s.slot for s in slots) + 1
             new_id = repo.task_id(task.item_id, 0, slot)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -272,7 +271,7 @@ def skills_for(fields: Sequence[str], metadata: Mapping[str, str]) -> list[str]:
 
 # -- Gold questions ----------------------------------------------------------------------------
 
-GOLD_FIRST = 20
+GOLD_FIRST = 30
 GOLD_FIRST_SHARE = 0.5
 GOLD_SHARE = 0.1
 QUALITY_BAR = 0.7
@@ -353,11 +352,11 @@ class SlotState:
     label: str | None
 
 
-def settle(slots: Sequence[SlotState], max_overlap: int, paused: Iterable[str]) -> Settle:
+def settle(slots: Sequence[SlotState], needed: int, max_overlap: int, paused: Iterable[str]) -> Settle:
     """What happens after a label on an item with overlap: wait for the labels still out; replace
-    a paused person's label (it no longer counts); ask one more person while the labels disagree,
-    up to max_overlap; else aggregate. An item some of whose tasks were withdrawn settles with the
-    labels it has."""
+    the labels of paused people (they no longer count) until `needed` people count; ask one more
+    person while the counted labels disagree, up to max_overlap; else aggregate. An item some of
+    whose tasks were withdrawn settles with the labels it has."""
     if any(s.state in (State.OPEN, State.LEASED) for s in slots):
         return Settle.WAIT
     paused = set(paused)
@@ -367,20 +366,13 @@ def settle(slots: Sequence[SlotState], max_overlap: int, paused: Iterable[str]) 
         return Settle.WAIT
     if any(s.state is State.WITHDRAWN for s in slots):
         return Settle.FINAL
-    if len(counted) < len(done) and len(slots) < MAX_SLOTS:
+    room = len(slots) < MAX_SLOTS
+    if len(counted) < needed and room:
         return Settle.ONE_MORE
-    if len(set(counted)) > 1 and len(slots) < max_overlap:
+    if len(set(counted)) > 1 and len(counted) < max_overlap and room:
         return Settle.ONE_MORE
     return Settle.FINAL
 
 
 # Tasks one item may have in its first round, replacements for paused people included.
 MAX_SLOTS = 12
-
-
-def majority(labels: Sequence[str]) -> tuple[str, float]:
-    """The most frequent label (ties: the one given first) and its vote share."""
-    counts = Counter(labels)
-    best = max(counts.values())
-    label = next(lb for lb in labels if counts[lb] == best)
-    return label, best / len(labels)

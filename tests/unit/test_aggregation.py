@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from services.cli.bench_aggregation import AggregationBenchOptions, goal_line, run_offline
+from services.cli.files import InputError
 from services.review.aggregation import (
     DAWID_SKENE,
     MAJORITY_VOTE,
@@ -234,3 +238,34 @@ def test_wilson_known_values() -> None:
     assert (empty.value, empty.low, empty.high, empty.n) == (0.0, 0.0, 0.0, 0)
     with pytest.raises(ValueError):
         wilson(11, 10)
+
+
+# --- the offline benchmark -------------------------------------------------------------------
+
+
+def test_offline_benchmark_on_a_synthetic_crowd(tmp_path: Path) -> None:
+    # Every item judged by all five annotators; the bench samples k of them per repeat.
+    truth, judgments = synthetic_crowd(300, seed=8, per_item=5)
+    raw: dict[str, dict[str, str]] = {}
+    for j in judgments:
+        raw.setdefault(j.item_id, {})[j.annotator_id] = j.label
+    data = tmp_path / "crowd.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": i, "label": truth[i], "annotator_labels": raw[i]}) + "\n" for i in truth)
+    )
+    rows = run_offline(AggregationBenchOptions(data=data, overlaps=(3, 5), repeat=2, seed=0))
+    assert [(r.overlap, r.items, r.repeats) for r in rows] == [(3, 300, 2), (5, 300, 2)]
+    for r in rows:
+        assert r.dawid_skene_mean > r.majority_vote_mean
+        assert r.difference == pytest.approx(r.dawid_skene_mean - r.majority_vote_mean)
+    assert "met" in goal_line(rows) and "not met" not in goal_line(rows)
+    assert "not measured" in goal_line(rows[:1])
+
+
+def test_offline_benchmark_explains_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        run_offline(AggregationBenchOptions(data=tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "label": "cat"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:1: .*annotator_labels"):
+        run_offline(AggregationBenchOptions(data=bad))

@@ -78,7 +78,7 @@ def test_new_people_get_gold_often_then_a_steady_share() -> None:
     policy = GoldPolicy.of(20, 0.5, 0.1, 0.7)
     assert wants_gold(policy, Standing(served=0), 0.49) and not wants_gold(policy, Standing(served=0), 0.5)
     assert wants_gold(policy, Standing(served=20), 0.09) and not wants_gold(policy, Standing(served=20), 0.2)
-    assert GoldPolicy.of(0, 0, 0, 0) == GoldPolicy(20, 0.5, 0.1, 0.7)
+    assert GoldPolicy.of(0, 0, 0, 0) == GoldPolicy(30, 0.5, 0.1, 0.7)
 
 
 def test_pause_needs_enough_gold_and_a_bound_under_the_bar() -> None:
@@ -104,11 +104,21 @@ def _slots(*labels: tuple[str, str | None]) -> list[SlotState]:
 
 
 def test_settle_waits_asks_one_more_or_aggregates() -> None:
-    assert settle(_slots(("a", "x"), ("b", None)), 3, ()) is Settle.WAIT
-    assert settle(_slots(("a", "x"), ("b", "x")), 3, ()) is Settle.FINAL
-    assert settle(_slots(("a", "x"), ("b", "y")), 3, ()) is Settle.ONE_MORE
-    assert settle(_slots(("a", "x"), ("b", "y"), ("c", "x")), 3, ()) is Settle.FINAL  # at the maximum
-    # A paused person's label does not count: the item goes to someone else.
-    assert settle(_slots(("a", "x"), ("spam", "y")), 0, {"spam"}) is Settle.ONE_MORE
+    assert settle(_slots(("a", "x"), ("b", None)), 2, 3, ()) is Settle.WAIT
+    assert settle(_slots(("a", "x"), ("b", "x")), 2, 3, ()) is Settle.FINAL
+    assert settle(_slots(("a", "x"), ("b", "y")), 2, 3, ()) is Settle.ONE_MORE
+    assert settle(_slots(("a", "x"), ("b", "y"), ("c", "x")), 2, 3, ()) is Settle.FINAL  # at the maximum
+    assert settle(_slots(("a", "x"), ("b", "y")), 2, 0, ()) is Settle.FINAL  # no dynamic rule
+
+
+def test_a_paused_persons_label_is_replaced_once_not_forever() -> None:
+    assert settle(_slots(("a", "x"), ("spam", "y")), 2, 0, {"spam"}) is Settle.ONE_MORE
+    replaced = _slots(("a", "x"), ("spam", "y"), ("b", "x"))
+    assert settle(replaced, 2, 0, {"spam"}) is Settle.FINAL
+    # Paused labels do not use up the dynamic overlap either.
+    assert settle(_slots(("a", "x"), ("spam", "y"), ("b", "z")), 2, 3, {"spam"}) is Settle.ONE_MORE
+
+
+def test_withdrawn_items_settle_with_what_they_have() -> None:
     withdrawn = [*_slots(("a", "x")), SlotState(1, State.WITHDRAWN, None, None)]
-    assert settle(withdrawn, 3, ()) is Settle.FINAL
+    assert settle(withdrawn, 2, 3, ()) is Settle.FINAL
