@@ -14,9 +14,11 @@ from typing import Any
 
 import grpc
 
-from services.cli import access, commands
+from services.cli import access, commands, workforce_commands
 from services.cli.access import resolve_token, write_token
+from services.cli.bench_aggregation import AggregationBenchOptions, parse_overlaps, run_aggregation_bench
 from services.cli.bench_labeling import BenchOptions, run_bench
+from services.cli.bench_workforce import SimulateOptions, run_simulated
 from services.cli.client import Clients
 from services.cli.commands import console
 from services.cli.demo import DemoOptions, run_demo
@@ -80,19 +82,54 @@ def _parser() -> argparse.ArgumentParser:
     )
     bl.add_argument("--no-baseline", action="store_true", help="skip the random-review baseline runs")
     bl.add_argument("--out", type=Path, help="append results as JSON lines")
+    ba = bsub.add_parser(
+        "aggregation", help="majority vote vs Dawid–Skene on a crowd's raw judgments (offline)"
+    )
+    ba.add_argument(
+        "--data", type=Path, help="JSONL with 'label' and 'annotator_labels' {annotator_id: label}"
+    )
+    ba.add_argument("--overlap", default="3,5", help="comma-separated judgments per item to sample")
+    ba.add_argument("--repeat", type=int, default=10, help="random draws of the judgments per overlap")
+    ba.add_argument("--seed", type=int, default=0, help="repeat r draws with seed + r")
+    ba.add_argument(
+        "--simulate",
+        action="store_true",
+        help="a simulated heterogeneous workforce on the real services with a labeled pool as --data"
+        " (e.g. ag_news/test.jsonl; see docs/workforce.md); --overlap is then one number",
+    )
+    ba.add_argument(
+        "--descriptions", type=Path, help="--simulate: label descriptions (default: loadtests/descriptions)"
+    )
+    ba.add_argument("--sample", type=int, default=600, help="--simulate: items in the pool")
+    ba.add_argument("--gold", type=int, default=60, help="--simulate: gold questions, held out of the pool")
+    ba.add_argument("--max-overlap", type=int, default=0, help="--simulate: dynamic overlap up to this many")
+    ba.add_argument(
+        "--workforce",
+        default="5@0.95,3@0.75,1@spammer",
+        help="--simulate: COUNT@ACCURACY groups, COUNT@spammer answers at random",
+    )
+    ba.add_argument(
+        "--seconds-per-item", type=float, default=0.05, help="--simulate: a careful person's pace"
+    )
+    ba.add_argument(
+        "--quality-bar", type=float, default=0.7, help="--simulate: pause below this gold accuracy"
+    )
 
     project = sub.add_parser("project", help="create or list projects")
     psub = project.add_subparsers(dest="project_command", required=True)
     create = psub.add_parser("create", help="create a project from a YAML or JSON file")
     create.add_argument("file", type=Path)
     psub.add_parser("list", help="list projects")
-    edit = psub.add_parser("edit", help="change a project's name, instructions, suggestions or budget")
+    edit = psub.add_parser(
+        "edit", help="change a project's name, instructions, suggestions, budget or workforce settings"
+    )
     edit.add_argument("project")
     edit.add_argument("--name")
     edit.add_argument("--instructions")
     edit.add_argument("--hide-suggestions", action=argparse.BooleanOptionalAction, default=None)
     edit.add_argument("--budget-items", type=int)
     edit.add_argument("--budget-share", type=float)
+    workforce_commands.add_edit_options(edit)
 
     ingest = sub.add_parser("ingest", help="submit a JSONL or CSV file of items")
     ingest.add_argument("file", type=Path)
@@ -134,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     usub = user.add_subparsers(dest="user_command", required=True)
     ua = usub.add_parser("add", help="create a user (a password is generated unless --password is given)")
     ua.add_argument("user")
-    ua.add_argument("--role", required=True, choices=("admin", "manager", "reviewer", "annotator", "viewer"))
+    ua.add_argument("--role", required=True, choices=tuple(access.ROLES))
     ua.add_argument("--project", action="append", default=[], help="make them a member (repeatable)")
     ua.add_argument("--password")
     ul = usub.add_parser("list", help="list users")
@@ -158,6 +195,8 @@ def _parser() -> argparse.ArgumentParser:
     tl = tsub.add_parser("list")
     tl.add_argument("--user", default="")
     tsub.add_parser("revoke").add_argument("token_id")
+
+    workforce_commands.add_parsers(sub)
     return p
 
 
@@ -221,6 +260,8 @@ async def _with_clients(args: argparse.Namespace) -> int:
         work: Coroutine[Any, Any, Any]
         if args.command in ACCESS_COMMANDS:
             work = _access(args, clients)
+        elif args.command in workforce_commands.COMMANDS:
+            work = workforce_commands.run(args, clients)
         elif args.command == "project" and args.project_command == "create":
             work = commands.create_project(clients, args.file)
         elif args.command == "project" and args.project_command == "edit":
@@ -232,6 +273,7 @@ async def _with_clients(args: argparse.Namespace) -> int:
                 hide_suggestions=args.hide_suggestions,
                 budget_items=args.budget_items,
                 budget_share=args.budget_share,
+                workforce=workforce_commands.workforce_changes(workforce_commands.edit_of(args)),
             )
         elif args.command == "project":
             work = commands.list_projects(clients)
@@ -317,7 +359,37 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "up":
             sys.exit(_up(args))
-        if args.command == "bench":
+        if args.command == "bench" and args.bench_command == "aggregation" and args.simulate:
+            overlaps = parse_overlaps(args.overlap)
+            if len(overlaps) != 1 or args.data is None:
+                raise InputError(
+                    "--simulate needs --data (a labeled pool) and one --overlap, e.g. --overlap 3"
+                )
+            simulate = SimulateOptions(
+                data=args.data,
+                descriptions=args.descriptions,
+                sample=args.sample,
+                gold=args.gold,
+                overlap=overlaps[0],
+                max_overlap=args.max_overlap,
+                seed=args.seed,
+                repeat=args.repeat,
+                workforce=tuple(g.strip() for g in args.workforce.split(",") if g.strip()),
+                seconds_per_item=args.seconds_per_item,
+                quality_bar=args.quality_bar,
+                state_dir=args.state_dir / "bench",
+            )
+            asyncio.run(run_simulated(simulate))
+            sys.exit(0)
+        if args.command == "bench" and args.bench_command == "aggregation":
+            aggregation = AggregationBenchOptions(
+                data=args.data,
+                overlaps=parse_overlaps(args.overlap),
+                repeat=args.repeat,
+                seed=args.seed,
+            )
+            sys.exit(run_aggregation_bench(aggregation))
+        if args.command == "bench" and args.bench_command == "labeling":
             bench = BenchOptions(
                 data=args.data,
                 descriptions=args.descriptions,

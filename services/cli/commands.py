@@ -6,21 +6,23 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import grpc
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from services.cli.client import Clients
 from services.cli.files import InputError, Record, load_project, read_records
-from services.cli.views import stats_table
+from services.cli.views import stats_table, workforce_table
 from services.cli.workforce import Workforce, WorkforceConfig
 from services.gen.tandem.export.v1 import export_pb2
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
+from services.gen.tandem.workforce.v1 import workforce_pb2
 
 # Logs and pipes get wide lines: tables stay readable outside a terminal.
 console = Console() if sys.stdout.isatty() else Console(width=180)
@@ -46,9 +48,14 @@ async def edit_project(
     hide_suggestions: bool | None,
     budget_items: int | None,
     budget_share: float | None,
+    workforce: tuple[projects_pb2.Project, Sequence[str]] | None = None,
 ) -> None:
     changes = projects_pb2.Project()
     fields: list[str] = []
+    if workforce is not None:
+        # The workforce options (services/cli/workforce_commands.py) name their own fields.
+        changes.MergeFrom(workforce[0])
+        fields.extend(workforce[1])
     if name is not None:
         changes.name, fields = name, [*fields, "name"]
     if instructions is not None:
@@ -61,7 +68,8 @@ async def edit_project(
         changes.human_budget_share, fields = budget_share, [*fields, "human_budget_share"]
     if not fields:
         raise InputError(
-            "nothing to change: give --name, --instructions, --[no-]hide-suggestions or a budget"
+            "nothing to change: give --name, --instructions, --[no-]hide-suggestions, a budget "
+            "or a workforce option (see `tandem project edit --help`)"
         )
     project = await clients.ingest.UpdateProject(
         ingest_pb2.UpdateProjectRequest(project_id=project_id, changes=changes, fields=fields), timeout=30
@@ -169,14 +177,41 @@ async def simulate(clients: Clients, config: WorkforceConfig, gold_path: Path, m
     )
 
 
+async def _workforce(clients: Clients, project_id: str) -> Table | None:
+    """The workforce block, for projects that have one (more than one person per item, pools or
+    gold questions): the rest see the status as before."""
+    project, quality = await asyncio.gather(
+        clients.ingest.GetProject(ingest_pb2.GetProjectRequest(project_id=project_id), timeout=10),
+        clients.workforce.GetQuality(workforce_pb2.GetQualityRequest(project_id=project_id), timeout=10),
+    )
+    if project.overlap > 1 or project.max_overlap > 1 or project.pools or quality.gold_items:
+        return workforce_table(project, quality)
+    return None
+
+
+# GetQuality reads every label of items several people labeled: `--watch` asks for it this often,
+# not on every refresh of the counts.
+WORKFORCE_REFRESH_SECONDS = 10.0
+
+
 async def status(clients: Clients, project_id: str, watch: bool) -> None:
+    stats, workforce = await asyncio.gather(clients.stats(project_id), _workforce(clients, project_id))
+
+    def view() -> RenderableType:
+        table = stats_table(stats)
+        return table if workforce is None else Group(table, workforce)
+
     if not watch:
-        console.print(stats_table(await clients.stats(project_id)))
+        console.print(view())
         return
-    with Live(console=console, refresh_per_second=2) as live:
+    fetched = time.monotonic()
+    with Live(view(), console=console, refresh_per_second=2) as live:
         while True:
-            live.update(stats_table(await clients.stats(project_id)))
             await asyncio.sleep(1.0)
+            stats = await clients.stats(project_id)
+            if time.monotonic() - fetched >= WORKFORCE_REFRESH_SECONDS:
+                workforce, fetched = await _workforce(clients, project_id), time.monotonic()
+            live.update(view())
 
 
 async def export(clients: Clients, project_id: str, out: Path | None) -> tuple[export_pb2.ExportInfo, Path]:

@@ -47,6 +47,16 @@ def load_project(path: Path) -> projects_pb2.Project:
             delta=float(data.get("delta") or 0.0),
             human_error=float(data.get("human_error") or 0.0),
             hide_suggestions=bool(data.get("hide_suggestions") or False),
+            pools=_pools(data.get("pools")),
+            skill_fields=_names(data.get("skill_fields"), "skill_fields"),
+            overlap=int(data.get("overlap") or 0),
+            max_overlap=int(data.get("max_overlap") or 0),
+            overlap_below_confidence=float(data.get("overlap_below_confidence") or 0.0),
+            sla_seconds=float(data.get("sla_seconds") or 0.0),
+            gold_first=int(data.get("gold_first") or 0),
+            gold_first_share=float(data.get("gold_first_share") or 0.0),
+            gold_share=float(data.get("gold_share") or 0.0),
+            quality_bar=float(data.get("quality_bar") or 0.0),
             labels=[
                 projects_pb2.LabelDef(name=str(lb["name"]), description=str(lb.get("description") or ""))
                 if isinstance(lb, dict)
@@ -56,6 +66,33 @@ def load_project(path: Path) -> projects_pb2.Project:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: invalid project definition: {exc}") from exc
+
+
+def _pools(value: Any) -> list[projects_pb2.PoolShare]:
+    """`pools:` as a mapping pool → share (the usual form), or a list of pool ids (share 1 each)
+    or of {pool_id, share}."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [projects_pb2.PoolShare(pool_id=str(k), share=float(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [
+            projects_pb2.PoolShare(pool_id=str(p["pool_id"]), share=float(p.get("share", 1.0)))
+            if isinstance(p, dict)
+            else projects_pb2.PoolShare(pool_id=str(p), share=1.0)
+            for p in value
+        ]
+    raise TypeError("'pools' must map pool ids to shares, e.g. {inhouse: 1, vendor_a: 3}")
+
+
+def _names(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    raise TypeError(f"'{key}' must be a list of names")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,15 @@
-"""Rich renderings of project stats for `tandem status` and the demo."""
+"""Rich renderings of project stats and workforce figures for `tandem status`, `tandem quality`
+and the demo."""
 
 from __future__ import annotations
 
+import math
+
 from rich.table import Table
 
+from services.gen.tandem.projects.v1 import projects_pb2
 from services.gen.tandem.stats.v1 import stats_pb2
+from services.gen.tandem.workforce.v1 import workforce_pb2
 
 
 def pct(part: float, whole: float) -> str:
@@ -76,4 +81,56 @@ def stats_table(s: stats_pb2.ProjectStats, elapsed: float | None = None) -> Tabl
     table.add_row("final labels", line)
     human = ex.by_source.get("human", 0)
     table.add_row("human share", pct(human, ex.finalized))
+    return table
+
+
+# --- workforce ------------------------------------------------------------------------------------
+
+
+def rate(r: workforce_pb2.Rate) -> str:
+    """A share with its 95% interval and what it rests on: "0.93 [0.85, 0.97] n=40"."""
+    return f"{r.value:.2f} [{r.low:.2f}, {r.high:.2f}] n={r.n}" if r.n else "-"
+
+
+def age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+
+
+def method_name(method: str) -> str:
+    return {"dawid_skene": "Dawid-Skene", "majority_vote": "majority vote"}.get(method, method or "-")
+
+
+def workforce_table(project: projects_pb2.Project, q: workforce_pb2.Quality) -> Table:
+    """A few lines for `tandem status`; `tandem quality` has the whole picture."""
+    table = Table(title="workforce", show_header=False)
+    table.add_column("what")
+    table.add_column("figures")
+    overlap = f"{max(project.overlap, 1)} per item"
+    if project.max_overlap > max(project.overlap, 1):
+        overlap += f", up to {project.max_overlap} while they disagree"
+    alpha = "-" if math.isnan(q.krippendorff_alpha) else f"{q.krippendorff_alpha:.3f}"
+    table.add_row(
+        "people",
+        f"{overlap}; {method_name(q.method)} on {q.consensus_items:,} items; Krippendorff's α {alpha}; "
+        f"{q.gold_items:,} gold questions",
+    )
+    paused = [f"{a.annotator_id} ({a.paused_reason or 'paused'})" for a in q.annotators if a.paused]
+    if paused:
+        table.add_row("paused", "; ".join(paused))
+    if q.pools:
+        table.add_row(
+            "pools",
+            "; ".join(
+                f"{p.pool_id or '(no pool)'}: {p.open:,} open, {p.leased:,} leased"
+                + (f", oldest {age(p.oldest_open_seconds)}" if p.open else "")
+                for p in q.pools
+            ),
+        )
     return table

@@ -194,8 +194,12 @@ class ReviewDesk:
         capacity; None when nothing is waiting for them."""
         project = await self._projects.get(project_id)
         async with self.pool.acquire() as conn, conn.transaction():
-            person = await repo.lock_person(conn, annotator_id)
-            standing = await repo.standing(conn, project_id, annotator_id)
+            # A claim need not wait for its WAL flush: lost in a crash, it is a lease that never
+            # was (the task is still open; the holder's submit is refused and they take another).
+            await conn.execute("SET LOCAL synchronous_commit TO off")
+            pool_id, skills, own_cap = await repo.lock_person(conn, annotator_id)
+            standing, holding = await repo.standing(conn, project_id, annotator_id)
+            person = service.Person(annotator_id, pool_id, skills, own_cap, holding)
             if vendor_pool is not None and vendor_pool not in project.pool_ids:
                 raise Refused(
                     Reason.NOT_IN_POOL, f"project {project_id!r} does not name pool {vendor_pool!r}"
@@ -230,8 +234,8 @@ class ReviewDesk:
                     second_opinions_only=second_opinions_only,
                     include_skipped=include_skipped,
                 )
-            if task is not None:
-                await repo.served(conn, project_id, annotator_id, gold=task.gold)
+            if task is not None and task.gold:
+                await repo.served(conn, project_id, annotator_id, gold=True)  # claim_next counts its own
             return task
 
     async def submit(

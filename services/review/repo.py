@@ -139,9 +139,9 @@ async def withdraw(conn: asyncpg.Connection, project_id: str, item_ids: Sequence
     return int(result.split()[-1])
 
 
-async def lock_person(conn: asyncpg.Connection, annotator_id: str) -> Person:
+async def lock_person(conn: asyncpg.Connection, annotator_id: str) -> tuple[str, tuple[str, ...], int]:
     """The person asking, locked to the end of the transaction (their claims queue behind each
-    other, so no two can both see room under their cap), with the tasks they hold now."""
+    other, so no two can both see room under their cap): (pool, skills, own cap)."""
     r = await conn.fetchrow(
         "INSERT INTO review.annotators (annotator_id) VALUES ($1)"
         " ON CONFLICT (annotator_id) DO UPDATE SET annotator_id = EXCLUDED.annotator_id"
@@ -149,26 +149,25 @@ async def lock_person(conn: asyncpg.Connection, annotator_id: str) -> Person:
         annotator_id,
     )
     assert r is not None
-    # A statement of its own: its snapshot is taken after the lock above was granted, so it sees
-    # the leases of the claim that held the lock before (one statement would count from before).
-    leased = await conn.fetchval(
-        "SELECT (SELECT count(*) FROM review.tasks t WHERE t.state = 'leased' AND t.lease_owner = $1)"
-        " + (SELECT count(*) FROM review.gold_tasks g WHERE g.state = 'leased' AND g.annotator_id = $1)",
-        annotator_id,
-    )
-    return Person(annotator_id, r["pool_id"], tuple(r["skills"]), r["max_leased"], int(leased))
+    return r["pool_id"], tuple(r["skills"]), r["max_leased"]
 
 
-async def standing(conn: asyncpg.Connection, project_id: str, annotator_id: str) -> Standing:
+async def standing(conn: asyncpg.Connection, project_id: str, annotator_id: str) -> tuple[Standing, int]:
+    """The person's standing on the project, and the tasks they hold now (any project). Run after
+    lock_person: a statement of its own, its snapshot is taken once that lock was granted, so it
+    counts the leases of the claim that held the lock before."""
     r = await conn.fetchrow(
         "INSERT INTO review.standing (project_id, annotator_id) VALUES ($1, $2)"
         " ON CONFLICT (project_id, annotator_id) DO UPDATE SET served = review.standing.served"
-        " RETURNING *",
+        " RETURNING *,"
+        " (SELECT count(*) FROM review.tasks t WHERE t.state = 'leased' AND t.lease_owner = $2)"
+        " + (SELECT count(*) FROM review.gold_tasks g WHERE g.state = 'leased' AND g.annotator_id = $2)"
+        " AS holding",
         project_id,
         annotator_id,
     )
     assert r is not None
-    return standing_of(r)
+    return standing_of(r), int(r["holding"])
 
 
 def standing_of(r: asyncpg.Record) -> Standing:
@@ -224,10 +223,15 @@ _ELIGIBLE = (
     " AND ($6 OR NOT EXISTS (SELECT 1 FROM review.skips s WHERE s.task_id = t0.task_id"
     "  AND s.annotator_id = $3))"
 )
+# The lease, and the person's count of tasks served on the project (the gold schedule), in the
+# same statement: one round trip less on every claim.
 _LEASE = (
-    " UPDATE review.tasks t SET state = 'leased', lease_id = $2, lease_owner = $3, lease_pool = $7,"
-    " lease_expires_at = now() + make_interval(secs => $4), updated_at = now()"
-    " FROM next WHERE t.task_id = next.task_id RETURNING t.*"
+    ", leased AS (UPDATE review.tasks t SET state = 'leased', lease_id = $2, lease_owner = $3,"
+    " lease_pool = $7, lease_expires_at = now() + make_interval(secs => $4), updated_at = now()"
+    " FROM next WHERE t.task_id = next.task_id RETURNING t.*),"
+    " counted AS (UPDATE review.standing SET served = served + 1 WHERE project_id = $1"
+    " AND annotator_id = $3 AND EXISTS (SELECT 1 FROM leased))"
+    " SELECT * FROM leased"
 )
 
 

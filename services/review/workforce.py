@@ -126,10 +126,10 @@ class WorkforceServicer(workforce_pb2_grpc.WorkforceServiceServicer):
                 problems.append(f"{g.external_id}: answer {g.answer!r} is not one of the project's labels")
         if problems:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems[:5]))
+        # One row per external id, the last one given (one INSERT cannot update a row twice).
+        items = {g.external_id: Gold(g.external_id, g.text, g.answer) for g in request.items}
         async with self._pool.acquire() as conn:
-            added, total = await workforce_repo.add_gold(
-                conn, request.project_id, [Gold(g.external_id, g.text, g.answer) for g in request.items]
-            )
+            added, total = await workforce_repo.add_gold(conn, request.project_id, list(items.values()))
         return workforce_pb2.AddGoldResponse(added=added, total=total)
 
     async def GetQuality(
@@ -137,7 +137,7 @@ class WorkforceServicer(workforce_pb2_grpc.WorkforceServiceServicer):
     ) -> workforce_pb2.Quality:
         project = await self._projects.get(request.project_id)
         async with self._pool.acquire() as conn:
-            people = await workforce_repo.people(conn, request.project_id)
+            people = await workforce_repo.people(conn, request.project_id, project.pool_ids)
             rows = await workforce_repo.judgments(conn, request.project_id)
             settled = await workforce_repo.consensus(conn, request.project_id)
             queues = await workforce_repo.pool_queues(conn, request.project_id)

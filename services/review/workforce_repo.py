@@ -287,18 +287,27 @@ class PersonFigures:
     leased: int
 
 
-async def people(conn: asyncpg.Connection, project_id: str) -> list[PersonFigures]:
+async def people(
+    conn: asyncpg.Connection, project_id: str, pool_ids: Sequence[str] = ()
+) -> list[PersonFigures]:
+    """Everyone who worked on the project, and the members of its pools who have not started yet."""
     rows = await conn.fetch(
         "WITH labels AS (SELECT a.annotator_id, count(*) AS n FROM review.annotations a"
         "  JOIN review.tasks t USING (task_id) WHERE t.project_id = $1 GROUP BY 1),"
         " leased AS (SELECT lease_owner AS annotator_id, count(*) AS n FROM review.tasks"
-        "  WHERE project_id = $1 AND state = 'leased' GROUP BY 1)"
-        " SELECT s.annotator_id, COALESCE(p.pool_id, '') AS pool_id, COALESCE(l.n, 0) AS labels,"
-        " s.gold_answered, s.gold_correct, s.paused, s.paused_reason, COALESCE(le.n, 0) AS leased"
-        " FROM review.standing s LEFT JOIN review.annotators p USING (annotator_id)"
-        " LEFT JOIN labels l USING (annotator_id) LEFT JOIN leased le USING (annotator_id)"
-        " WHERE s.project_id = $1 ORDER BY s.annotator_id",
+        "  WHERE project_id = $1 AND state = 'leased' GROUP BY 1),"
+        " who AS (SELECT annotator_id FROM review.standing WHERE project_id = $1"
+        "  UNION SELECT annotator_id FROM review.annotators WHERE pool_id = ANY($2::text[]))"
+        " SELECT w.annotator_id, COALESCE(p.pool_id, '') AS pool_id, COALESCE(l.n, 0) AS labels,"
+        " COALESCE(s.gold_answered, 0) AS gold_answered, COALESCE(s.gold_correct, 0) AS gold_correct,"
+        " COALESCE(s.paused, false) AS paused, COALESCE(s.paused_reason, '') AS paused_reason,"
+        " COALESCE(le.n, 0) AS leased"
+        " FROM who w LEFT JOIN review.standing s ON s.project_id = $1 AND s.annotator_id = w.annotator_id"
+        " LEFT JOIN review.annotators p ON p.annotator_id = w.annotator_id"
+        " LEFT JOIN labels l ON l.annotator_id = w.annotator_id"
+        " LEFT JOIN leased le ON le.annotator_id = w.annotator_id ORDER BY w.annotator_id",
         project_id,
+        list(pool_ids),
     )
     return [
         PersonFigures(

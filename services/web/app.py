@@ -14,7 +14,7 @@ from services.web.session import Csrf, Sessions
 from services.web.settings import WebSettings
 from services.web.state import STATE, WebState
 from services.web.throughput import Throughput
-from services.web.views import annotate, api, auth, edit, manage, people
+from services.web.views import annotate, api, auth, edit, manage, people, workforce
 
 
 def create_app(settings: WebSettings, backends: Backends, *, tls: bool) -> web.Application:
@@ -57,6 +57,15 @@ def create_app(settings: WebSettings, backends: Backends, *, tls: bool) -> web.A
     r.add_get("/projects/{project_id}/members", people.members_page, name="members")
     r.add_post("/projects/{project_id}/members", people.add_member, name="member_add")
     r.add_post("/projects/{project_id}/members/{user_id}/remove", people.remove_member, name="member_remove")
+    r.add_get("/projects/{project_id}/workforce", workforce.workforce_page, name="workforce")
+    r.add_post("/projects/{project_id}/workforce/pause", workforce.set_paused, name="workforce_pause")
+    r.add_post("/projects/{project_id}/workforce/gold", workforce.upload_gold, name="gold_upload")
+    r.add_post(
+        "/projects/{project_id}/workforce/settings", workforce.update_settings, name="workforce_settings"
+    )
+    r.add_get("/pools", workforce.pools_page, name="pools")
+    r.add_post("/pools", workforce.put_pool, name="pool_put")
+    r.add_post("/pools/annotators", workforce.put_annotator, name="annotator_put")
     r.add_get("/tokens", people.tokens_page, name="tokens")
     r.add_post("/tokens", people.create_token, name="token_create")
     r.add_post("/tokens/{token_id}/revoke", people.revoke_token, name="token_revoke")

@@ -20,6 +20,7 @@ from services.gen.tandem.identity.v1 import identity_pb2_grpc
 from services.gen.tandem.ingest.v1 import ingest_pb2_grpc
 from services.gen.tandem.review.v1 import review_pb2_grpc
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
+from services.gen.tandem.workforce.v1 import workforce_pb2_grpc
 
 # A restarting service is retried by gRPC itself, briefly: a person waiting on a page is better
 # served by a clear "service down" page within a second than by a long spinner.
@@ -70,6 +71,8 @@ class Backends:
         self.review = review_pb2_grpc.ReviewServiceStub(self._channels["review"])
         self.export = export_pb2_grpc.ExportServiceStub(self._channels["export"])
         self.identity = identity_pb2_grpc.IdentityServiceStub(self._channels["identity"])
+        # The review service serves the workforce too (pools, people, gold, quality).
+        self.workforce = workforce_pb2_grpc.WorkforceServiceStub(self._channels["review"])
         self.stats_of = {
             name: stats_pb2_grpc.StatsServiceStub(self._channels[name]) for name in STATS_SERVICES
         }

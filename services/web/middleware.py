@@ -24,7 +24,7 @@ UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 METHODS = UNSAFE | {"GET", "HEAD", "OPTIONS"}
 # Routes whose body is a multipart upload: the CSRF token is its first part, checked by the view
 # before it reads anything else (the middleware must not buffer a large file to find it).
-CSRF_IN_FIRST_PART = frozenset({"upload"})
+CSRF_IN_FIRST_PART = frozenset({"upload", "gold_upload"})
 # No inline script or style anywhere: the CSP forbids them, so an injected tag cannot run.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

@@ -68,6 +68,7 @@ def nav(who: Principal) -> dict[str, bool]:
         "may_export": who.may(Action.EXPORT),
         "may_members": who.may(Action.MANAGE_MEMBERS),
         "may_users": who.may(Action.MANAGE_USERS),
+        "may_workforce": who.may(Action.MANAGE_WORKFORCE),
     }
 
 
