@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -33,7 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 LABELS = (LabelSpec("yes", ""), LabelSpec("no", ""))
 
 
-def _project(project_id: str, **workforce: object) -> ProjectSpec:
+def _project(project_id: str, **workforce: Any) -> ProjectSpec:
     return dataclasses.replace(ProjectSpec(project_id, project_id, LABELS, "", 0.95, 0.0), **workforce)
 
 
@@ -314,10 +315,10 @@ async def test_gold_pauses_a_bad_annotator(desk: Desk) -> None:
     assert paused_with == grpc.StatusCode.FAILED_PRECONDITION
     assert answered == 5  # paused after 5 wrong gold answers (the first 10 tasks are all gold here)
     for _ in range(8):
-        task = await _next(good, "gold")
-        assert task is not None
+        given = await _next(good, "gold")
+        assert given is not None
         await good.review.SubmitLabel(
-            review_pb2.SubmitLabelRequest(task_id=task.task_id, lease_id=task.lease_id, label="yes")
+            review_pb2.SubmitLabelRequest(task_id=given.task_id, lease_id=given.lease_id, label="yes")
         )
     q = await manager.workforce.GetQuality(workforce_pb2.GetQualityRequest(project_id="gold"))
     by = {a.annotator_id: a for a in q.annotators}
