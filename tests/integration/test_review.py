@@ -268,7 +268,8 @@ async def test_expired_and_skipped_leases_return_to_the_queue(review: Review) ->
     await review.publish(batch)
     leased = await _next(slow, lease=0.5)
     assert leased.item_id == ids[0]
-    await asyncio.sleep(1.0)  # the lease expires; the sweeper puts the task back
+    # The lease expires; the sweeper puts the task back.
+    await review.stats_until(lambda s: s.open == 2 and s.leased == 0)
     again = await _next(fast)
     assert again.item_id == ids[0] and again.lease_id != leased.lease_id
     assert (
