@@ -331,6 +331,18 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await expect(maria.locator(".cards")).to_contain_text("Labeled by people")
     await _shot(maria, "08-project-status")
 
+    # -- the workforce: the people who labeled, their figures, pause and resume --------------------
+    await maria.get_by_role("navigation", name="Project").get_by_role("link", name="Workforce").click()
+    await expect(maria.locator("#annotators")).to_contain_text("ann")
+    await expect(maria.locator("#method")).to_contain_text("majority")
+    await _shot(maria, "18-workforce", full_page=True)
+    await maria.goto("/pools")
+    await expect(maria.locator("h1")).to_have_text("Pools")
+    await maria.fill("#pool-form input[name=pool_id]", "in-house")
+    await maria.click("#pool-form button[type=submit]")
+    await expect(maria.locator("#pools")).to_contain_text("in-house")
+    await _shot(maria, "19-pools", full_page=True)
+
     # -- someone who is not a member sees nothing of the project ------------------------------------
     otto = await _person(browser, stack, "otto")
     await expect(otto.locator("main")).to_contain_text("not a member of any project")
