@@ -47,11 +47,11 @@ up: install
 	$(VENV)/bin/tandem up
 
 lint: install
-	$(VENV)/bin/ruff check services tests loadtests
-	$(VENV)/bin/ruff format --check services tests loadtests
+	$(VENV)/bin/ruff check services tests loadtests tandem
+	$(VENV)/bin/ruff format --check services tests loadtests tandem
 
 typecheck: install
-	$(VENV)/bin/mypy services tests loadtests
+	$(VENV)/bin/mypy services tests loadtests tandem
 
 # The vLLM tier runs in its own venv (`make test-vllm`), so this one never collects it.
 test: lint typecheck
