@@ -33,6 +33,10 @@ def load_project(path: Path) -> projects_pb2.Project:
         raise InputError(
             f"{path}: 'labels' must be a list of {{name, description}} or a name → description map"
         )
+    names = [lb.get("name") if isinstance(lb, dict) else lb for lb in labels]
+    if any(isinstance(n, bool) for n in names):
+        # YAML reads a bare yes/no/on/off as a boolean: the label would silently become "True".
+        raise InputError(f"{path}: a label reads as true/false: quote labels such as 'yes' and 'no'")
     try:
         return projects_pb2.Project(
             project_id=str(data.get("project_id") or data.get("id") or ""),
