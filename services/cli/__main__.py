@@ -27,6 +27,7 @@ from services.cli.generate import generate_examples
 from services.cli.stack import Stack, StackError
 from services.cli.targets import resolve_targets, write_targets
 from services.cli.workforce import WorkforceConfig
+from services.gen.tandem.export.v1 import export_pb2
 
 DEFAULT_STATE = Path(".state")
 SERVICE_FLAGS = ("ingest", "inference", "review", "export", "scorer", "identity")
@@ -157,9 +158,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: the service's default")
 
-    ex = sub.add_parser("export", help="export final labels as JSONL")
+    ex = sub.add_parser("export", help="export final labels (JSONL, CSV, Parquet or Label Studio)")
     ex.add_argument("--project", required=True)
-    ex.add_argument("-o", "--output", type=Path)
+    ex.add_argument(
+        "-o", "--output", type=Path, help="the file (Parquet: also FILE.README.md, a dataset card)"
+    )
+    ex.add_argument("--format", choices=tuple(commands.EXPORT_FORMATS), default="jsonl")
+    ex.add_argument(
+        "--split",
+        type=_split_arg,
+        metavar="TRAIN,VALIDATION,TEST",
+        help="fractions, e.g. 0.8,0.1,0.1: stratified by label, equal texts kept in one split",
+    )
+    ex.add_argument("--seed", type=int, default=0, help="seed of the split")
 
     lg = sub.add_parser("login", help="log in with a password; saves an API token for this machine")
     lg.add_argument("user")
@@ -306,9 +317,18 @@ async def _with_clients(args: argparse.Namespace) -> int:
         elif args.command == "status":
             work = commands.status(clients, args.project, args.watch)
         else:
-            info, path = await commands.export(clients, args.project, args.output)
-            console.print(f"exported {info.rows:,} rows ({info.pending:,} items still pending) to {path}")
-            certificate = commands.certificate_path(path)
+            split = None
+            if args.split is not None:
+                train, validation, test = args.split
+                split = export_pb2.Split(train=train, validation=validation, test=test, seed=args.seed)
+            info, paths = await commands.export_files(clients, args.project, args.output, args.format, split)
+            console.print(
+                f"exported {info.rows:,} rows ({info.pending:,} items still pending) to "
+                + ", ".join(str(p) for p in paths)
+            )
+            if info.rows_by_split:
+                console.print("split: " + ", ".join(f"{n} {c:,}" for n, c in info.rows_by_split.items()))
+            certificate = commands.certificate_path(paths[0])
             console.print(f"certificate: {certificate}")
             return 0
         await work
@@ -345,6 +365,18 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as exc:
         raise InputError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _split_arg(text: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(
+            f"expected three fractions summing to 1, e.g. 0.8,0.1,0.1; got {text!r}"
+        )
+    return parts[0], parts[1], parts[2]
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
+from typing import IO
 
 import grpc
 from rich.console import Console, Group, RenderableType
@@ -214,23 +216,96 @@ async def status(clients: Clients, project_id: str, watch: bool) -> None:
             live.update(view())
 
 
-async def export(clients: Clients, project_id: str, out: Path | None) -> tuple[export_pb2.ExportInfo, Path]:
+EXPORT_FORMATS = {
+    "jsonl": export_pb2.EXPORT_FORMAT_JSONL,
+    "csv": export_pb2.EXPORT_FORMAT_CSV,
+    "parquet": export_pb2.EXPORT_FORMAT_PARQUET,
+    "label-studio": export_pb2.EXPORT_FORMAT_LABEL_STUDIO,
+}
+EXPORT_SUFFIXES = {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet", "label-studio": ".json"}
+CARD_FILE = "README.md"  # the name the service gives the Parquet dataset card
+
+
+async def export(
+    clients: Clients,
+    project_id: str,
+    out: Path | None,
+    fmt: str = "jsonl",
+    split: export_pb2.Split | None = None,
+) -> tuple[export_pb2.ExportInfo, Path]:
+    """Export to `out` (or a dated file under exports/); returns the first data file written."""
+    info, paths = await export_files(clients, project_id, out, fmt, split)
+    return info, paths[0]
+
+
+async def export_files(
+    clients: Clients,
+    project_id: str,
+    out: Path | None,
+    fmt: str = "jsonl",
+    split: export_pb2.Split | None = None,
+) -> tuple[export_pb2.ExportInfo, list[Path]]:
+    """Create an export and stream it to files: `out` itself, except for Parquet with a split
+    (`<stem>-<split>.parquet` beside it); Parquet's dataset card goes to `<out>.README.md`.
+    Also writes the scorer's certificate beside the first file."""
     info = await clients.export.CreateExport(
-        export_pb2.CreateExportRequest(project_id=project_id), timeout=600
+        export_pb2.CreateExportRequest(project_id=project_id, format=EXPORT_FORMATS[fmt], split=split),
+        timeout=600,
     )
-    path = out or Path("exports") / f"{project_id}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    suffix = EXPORT_SUFFIXES[fmt]
+    path = out or Path("exports") / f"{project_id}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The service names Parquet files <stem>.parquet / <stem>-<split>.parquet and the card refers
+    # to them so; other formats stream one file, written to `path` whatever its name.
+    stem = path.name.removesuffix(suffix) if fmt == "parquet" else path.stem
+    handles: dict[str, IO[bytes]] = {}
+    digests: dict[str, hashlib._Hash] = {}
+    paths: list[Path] = []
     written = 0
-    with path.open("wb") as fh:
+    try:
         async for chunk in clients.export.StreamExport(
-            export_pb2.StreamExportRequest(export_id=info.export_id), timeout=3600
+            export_pb2.StreamExportRequest(export_id=info.export_id, file_stem=stem), timeout=3600
         ):
-            fh.write(chunk.jsonl)
-            written += chunk.jsonl.count(b"\n")
+            if chunk.sha256:
+                # The service's digest of every byte it sent for the file, checked against ours.
+                if chunk.sha256 != digests[chunk.file].hexdigest():
+                    raise RuntimeError(f"export {info.export_id}: {chunk.file or path.name} arrived damaged")
+                continue
+            if fmt == "jsonl":
+                chunk_file, data = "", chunk.jsonl
+                written += data.count(b"\n")
+            else:
+                chunk_file, data = chunk.file, chunk.data
+                written += chunk.rows
+            fh = handles.get(chunk_file)
+            if fh is None:
+                target = _export_target(path, chunk_file, fmt)
+                fh = handles[chunk_file] = target.open("wb")
+                paths.append(target)
+            fh.write(data)
+            digests.setdefault(chunk_file, hashlib.sha256()).update(data)
+    finally:
+        for fh in handles.values():
+            fh.close()
     if written != info.rows:
         raise RuntimeError(f"export {info.export_id}: expected {info.rows} rows, received {written}")
-    await write_certificate(clients, project_id, certificate_path(path))
-    return info, path
+    if not paths:  # an empty JSONL export still leaves its (empty) file
+        path.touch()
+        paths.append(path)
+    data_paths = [p for p in paths if not p.name.endswith(CARD_FILE)] or paths
+    await write_certificate(clients, project_id, certificate_path(data_paths[0]))
+    return info, data_paths + [p for p in paths if p not in data_paths]
+
+
+def _export_target(path: Path, chunk_file: str, fmt: str) -> Path:
+    if fmt != "parquet":
+        return path
+    if chunk_file == CARD_FILE:
+        return path.with_name(path.name + "." + CARD_FILE)
+    # A plain name from the service; anything else would let it write outside the folder.
+    if Path(chunk_file).name != chunk_file or chunk_file in ("", ".", ".."):
+        raise RuntimeError(f"export stream names an unexpected file {chunk_file!r}")
+    return path.with_name(chunk_file)
 
 
 def certificate_path(export_path: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_RAW_LABELS
 from services.common.lifecycle import Runtime, run
-from services.export.handlers import ExportServicer, ExportStatsServicer, Materializer
+from services.export.handlers import ExportServicer, ExportStatsServicer, Materializer, RetentionSweeper
 from services.export.repo import SCHEMA
 from services.export.settings import ExportSettings
 from services.gen.tandem.export.v1 import export_pb2_grpc
@@ -23,6 +23,7 @@ def main() -> None:
             ExportServicer(rt.pool, settings, rt.auth.view), rt.grpc_server
         )
         stats_pb2_grpc.add_StatsServiceServicer_to_server(ExportStatsServicer(rt.pool), rt.grpc_server)
+        rt.add_background(RetentionSweeper(rt.pool, settings).loop)
 
     run("export", settings, setup, schema=SCHEMA)
 

@@ -86,16 +86,19 @@ async def insert_raw_labels(conn: asyncpg.Connection, labels: Sequence[RawLabel]
     )
 
 
-async def create_snapshot(conn: asyncpg.Connection, project_id: str) -> asyncpg.Record:
+async def create_snapshot(conn: asyncpg.Connection, project_id: str, fmt: str = "jsonl") -> asyncpg.Record:
     export_id = uuid.uuid4()
     await conn.execute(
-        "INSERT INTO export.exports (export_id, project_id, rows, pending, rows_by_source)"
-        " VALUES ($1, $2, 0, 0, '{}')",
+        "INSERT INTO export.exports (export_id, project_id, rows, pending, rows_by_source, format)"
+        " VALUES ($1, $2, 0, 0, '{}', $3)",
         export_id,
         project_id,
+        fmt,
     )
-    await conn.execute(
-        "INSERT INTO export.export_rows (export_id, item_id, line)"
+    # The counts by source come from the rows as they are inserted: exact for this snapshot, and
+    # no second read of the (large, just written) lines.
+    counted = await conn.fetch(
+        "WITH ins AS (INSERT INTO export.export_rows (export_id, item_id, line)"
         " SELECT $1, i.item_id, jsonb_build_object("
         "  'id', i.external_id, 'item_id', i.item_id, 'text', i.text, 'label', f.label, 'source', f.source,"
         "  'confidence', f.confidence, 'model_version', f.model_version, 'annotator_ids', f.annotator_ids,"
@@ -110,18 +113,13 @@ async def create_snapshot(conn: asyncpg.Connection, project_id: str) -> asyncpg.
         "  'annotator_id', rl.annotator_id, 'pool_id', rl.pool_id, 'label', rl.label,"
         "  'labeled_at', rl.labeled_at, 'reason', rl.reason) ORDER BY rl.labeled_at, rl.annotator_id),"
         "  '[]'::jsonb) AS raw_labels FROM export.raw_labels rl WHERE rl.item_id = i.item_id) r"
-        " WHERE i.project_id = $2",
+        " WHERE i.project_id = $2"
+        " RETURNING line->>'source' AS source)"
+        " SELECT source, count(*) AS n FROM ins GROUP BY 1",
         export_id,
         project_id,
     )
-    by_source = {
-        r["source"]: r["n"]
-        for r in await conn.fetch(
-            "SELECT line->>'source' AS source, count(*) AS n FROM export.export_rows WHERE export_id = $1"
-            " GROUP BY 1",
-            export_id,
-        )
-    }
+    by_source = {r["source"]: r["n"] for r in counted}
     pending = await conn.fetchval(
         "SELECT count(*) FROM export.items i WHERE i.project_id = $1"
         " AND NOT EXISTS (SELECT 1 FROM export.final_labels f WHERE f.item_id = i.item_id)",
@@ -138,15 +136,64 @@ async def create_snapshot(conn: asyncpg.Connection, project_id: str) -> asyncpg.
     return row
 
 
+async def split_inputs(conn: asyncpg.Connection, export_id: uuid.UUID) -> list[tuple[str, str, str]]:
+    """(item_id, text, label) of every row of a snapshot, what a split is decided on."""
+    rows = await conn.fetch(
+        "SELECT item_id::text AS item_id, line->>'text' AS text, line->>'label' AS label"
+        " FROM export.export_rows WHERE export_id = $1",
+        export_id,
+    )
+    return [(r["item_id"], r["text"], r["label"]) for r in rows]
+
+
+async def set_splits(
+    conn: asyncpg.Connection, export_id: uuid.UUID, splits: dict[str, str]
+) -> asyncpg.Record:
+    """Write each row's split into its line (every format then carries it) and the counts."""
+    await conn.execute(
+        "UPDATE export.export_rows r SET line = r.line || jsonb_build_object('split', u.split)"
+        " FROM unnest($2::uuid[], $3::text[]) AS u(id, split) WHERE r.export_id = $1 AND r.item_id = u.id",
+        export_id,
+        list(splits),
+        list(splits.values()),
+    )
+    counts: dict[str, int] = {}
+    for split in splits.values():
+        counts[split] = counts.get(split, 0) + 1
+    row = await conn.fetchrow(
+        "UPDATE export.exports SET rows_by_split = $2 WHERE export_id = $1 RETURNING *",
+        export_id,
+        json.dumps(counts),
+    )
+    assert row is not None
+    return row
+
+
+async def delete_exports_before(conn: asyncpg.Connection, cutoff: datetime) -> int:
+    """Delete the snapshots created before `cutoff` (their rows go with them, ON DELETE CASCADE).
+    A stream already reading one keeps its own view of the rows until it ends."""
+    deleted = await conn.fetch("DELETE FROM export.exports WHERE created_at < $1 RETURNING 1", cutoff)
+    return len(deleted)
+
+
 async def get_export(conn: asyncpg.Connection, export_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM export.exports WHERE export_id = $1", uuid.UUID(export_id))
 
 
-async def stream_lines(conn: asyncpg.Connection, export_id: str, prefetch: int) -> AsyncIterator[str]:
-    """The snapshot's lines in item order, read through a server-side cursor (bounded memory)."""
+async def stream_lines(
+    conn: asyncpg.Connection, export_id: str, prefetch: int, *, metadata_as_text: bool = False
+) -> AsyncIterator[str]:
+    """The snapshot's lines in item order, read through a server-side cursor (bounded memory).
+
+    metadata_as_text: each line's metadata as a JSON string instead of an object, the shape the
+    Parquet column has, so Arrow's JSON reader can take the lines as they come.
+    """
+    line = (
+        "(line || jsonb_build_object('metadata', (line->'metadata')::text))" if metadata_as_text else "line"
+    )
     async with conn.transaction():
         async for row in conn.cursor(
-            "SELECT line::text AS line FROM export.export_rows WHERE export_id = $1 ORDER BY item_id",
+            f"SELECT {line}::text AS line FROM export.export_rows WHERE export_id = $1 ORDER BY item_id",
             uuid.UUID(export_id),
             prefetch=prefetch,
         ):

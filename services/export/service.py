@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from services.gen.tandem.labels.v1 import labels_pb2
 
@@ -55,3 +55,8 @@ def person_of(pending: bool, annotator_id: str, annotator_ids: Sequence[str]) ->
     person = annotator_id or (annotator_ids[0] if len(annotator_ids) == 1 else "")
     # Without an annotator the label cannot be attributed, and the key needs one.
     return person or None
+
+
+def expiry_cutoff(now: datetime, retention_hours: float) -> datetime | None:
+    """Snapshots created before this are expired; None when they are kept forever."""
+    return now - timedelta(hours=retention_hours) if retention_hours > 0 else None
