@@ -26,13 +26,12 @@ from services.cli.client import Clients
 from services.cli.commands import console
 from services.cli.files import InputError
 from services.cli.views import age, method_name, rate
+from services.common.gold import GOLD_PER_CALL, gold_item
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
 from services.gen.tandem.workforce.v1 import workforce_pb2
 
 # What AddGold takes per call, and the longest gold text it keeps (services/review/workforce.py).
-GOLD_PER_CALL = 1000
-MAX_GOLD_TEXT = 20_000
 MAX_SHOWN_PROBLEMS = 20
 SHOWN_KAPPAS = 10
 
@@ -166,33 +165,6 @@ async def set_paused(clients: Clients, project_id: str, user_id: str, paused: bo
 class GoldRows:
     items: list[workforce_pb2.GoldItem]
     problems: list[str]  # "file:line: what is wrong", one per row left out
-
-
-def _first(row: dict[str, Any], names: Sequence[str]) -> str:
-    for name in names:
-        value = row.get(name)
-        if value is not None and str(value).strip():
-            return str(value).strip()
-    return ""
-
-
-def gold_item(row: dict[str, Any], labels: Sequence[str]) -> workforce_pb2.GoldItem | str:
-    """A file row as a gold question, or what is wrong with it. The service refuses a whole call
-    for one bad row, so rows are checked here, where the line number is still known."""
-    external_id = _first(row, ("id", "external_id"))
-    text = row.get("text")
-    answer = _first(row, ("label", "answer"))
-    if not external_id:
-        return "no id (an 'id' or 'external_id' field)"
-    if not isinstance(text, str) or not text.strip():
-        return f"{external_id}: no text"
-    if len(text) > MAX_GOLD_TEXT:
-        return f"{external_id}: text longer than {MAX_GOLD_TEXT:,} characters"
-    if not answer:
-        return f"{external_id}: no answer (a 'label' or 'answer' field)"
-    if answer not in labels:
-        return f"{external_id}: {answer!r} is not one of the project's labels ({', '.join(labels)})"
-    return workforce_pb2.GoldItem(external_id=external_id, text=text, answer=answer)
 
 
 def _gold_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:

@@ -8,6 +8,8 @@ import re
 import asyncpg
 import grpc
 
+from services.common.gold import GOLD_PER_CALL as MAX_GOLD
+from services.common.gold import MAX_GOLD_TEXT
 from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory
 from services.gen.tandem.workforce.v1 import workforce_pb2, workforce_pb2_grpc
@@ -19,8 +21,6 @@ from services.review.workforce_repo import Gold, Member, Pool
 
 POOL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SKILL_RE = re.compile(r"^[^=\s]{1,64}=[^\s].{0,127}$")
-MAX_GOLD = 1000
-MAX_GOLD_TEXT = 20_000
 
 
 def _rate(successes: int, n: int) -> workforce_pb2.Rate:

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from services.common.gold import GOLD_PER_CALL, gold_item
 from services.gen.tandem.workforce.v1 import workforce_pb2
 from services.web.uploads import MAX_SHOWN_REJECTIONS, ChunkSource, csv_rows, jsonl_rows, lines
-
-# What AddGold takes per call and the longest text it keeps (services/review/workforce.py).
-GOLD_PER_CALL = 1000
-MAX_GOLD_TEXT = 20_000
 
 Send = Callable[[list[workforce_pb2.GoldItem]], Awaitable[workforce_pb2.AddGoldResponse]]
 
@@ -39,32 +35,6 @@ class GoldResult:
     @property
     def truncated(self) -> bool:
         return self.rejected > len(self.rejections)
-
-
-def _first(row: dict[str, Any], names: Sequence[str]) -> str:
-    for name in names:
-        value = row.get(name)
-        if value is not None and str(value).strip():
-            return str(value).strip()
-    return ""
-
-
-def gold_item(row: dict[str, Any], labels: Sequence[str]) -> workforce_pb2.GoldItem | str:
-    """A row as a gold question, or what is wrong with it."""
-    external_id = _first(row, ("id", "external_id"))
-    text = row.get("text")
-    answer = _first(row, ("label", "answer"))
-    if not external_id:
-        return "no id (an 'id' or 'external_id' field)"
-    if not isinstance(text, str) or not text.strip():
-        return f"{external_id}: no text"
-    if len(text) > MAX_GOLD_TEXT:
-        return f"{external_id}: text longer than {MAX_GOLD_TEXT:,} characters"
-    if not answer:
-        return f"{external_id}: no answer (a 'label' or 'answer' field)"
-    if answer not in labels:
-        return f"{external_id}: {answer!r} is not one of the project's labels ({', '.join(labels)})"
-    return workforce_pb2.GoldItem(external_id=external_id, text=text, answer=answer)
 
 
 async def add_gold_file(
