@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import grpc
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 
 from services.common.auth import Action
 from services.gen.tandem.export.v1 import export_pb2
@@ -190,8 +190,10 @@ async def _field(part: BodyPartReader | None, name: str) -> str:
     return await part.text()
 
 
-async def upload(request: web.Request) -> web.StreamResponse:
-    _require(request, Action.INGEST, "upload items")
+async def checked_multipart(request: web.Request) -> MultipartReader:
+    """A file upload's parts after its first, the CSRF token, was checked (the middleware leaves
+    that to the view, so a large file is read once, as it arrives; see middleware.py), and the
+    declared size was within the limit."""
     st = app_state(request)
     if request.content_length is not None and request.content_length > st.settings.max_upload_bytes:
         raise Failure(
@@ -201,11 +203,17 @@ async def upload(request: web.Request) -> web.StreamResponse:
             "too_large",
         )
     reader = await request.multipart()
-    # The first part is the CSRF token (the middleware left it to this view; see middleware.py).
     first = await reader.next()
     offered = await _field(first if isinstance(first, BodyPartReader) else None, CSRF_FIELD)
     if not st.csrf.check(session_token(request), offered):
         raise Failure(403, "Not allowed", "The form's security token did not match your session.", "csrf")
+    return reader
+
+
+async def upload(request: web.Request) -> web.StreamResponse:
+    _require(request, Action.INGEST, "upload items")
+    st = app_state(request)
+    reader = await checked_multipart(request)
     project = await _project(request)
     fields = {"id_field": "id", "text_field": "text"}
     part = await reader.next()

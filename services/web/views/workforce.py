@@ -23,12 +23,11 @@ from services.gen.tandem.identity.v1 import identity_pb2
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
 from services.gen.tandem.workforce.v1 import workforce_pb2
-from services.web.errors import Failure, bad_request
+from services.web.errors import bad_request
 from services.web.gold import GoldResult, add_gold_file
-from services.web.session import CSRF_FIELD
-from services.web.state import app_state, auth, render, session_token
+from services.web.state import app_state, auth, render
 from services.web.uploads import UploadError
-from services.web.views.manage import _field, _number, _project, _require
+from services.web.views.manage import _number, _project, _require, checked_multipart
 
 SHOWN_KAPPAS = 10
 METHODS = {"dawid_skene": "Dawid-Skene", "majority_vote": "majority vote"}
@@ -230,19 +229,7 @@ async def set_paused(request: web.Request) -> web.StreamResponse:
 async def upload_gold(request: web.Request) -> web.StreamResponse:
     _may(request)
     st = app_state(request)
-    if request.content_length is not None and request.content_length > st.settings.max_upload_bytes:
-        raise Failure(
-            413,
-            "File too large",
-            f"Uploads are limited to {st.settings.max_upload_bytes >> 20} MiB.",
-            "too_large",
-        )
-    reader = await request.multipart()
-    # The first part is the CSRF token (the middleware left it to this view; see middleware.py).
-    first = await reader.next()
-    offered = await _field(first if isinstance(first, BodyPartReader) else None, CSRF_FIELD)
-    if not st.csrf.check(session_token(request), offered):
-        raise Failure(403, "Not allowed", "The form's security token did not match your session.", "csrf")
+    reader = await checked_multipart(request)
     project = await _project(request)
     part = await reader.next()
     if not isinstance(part, BodyPartReader) or part.name != "file" or not part.filename:
