@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import re
 import statistics
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -33,6 +31,7 @@ import nats
 from rich.console import Console
 from rich.table import Table
 
+from loadtests.measure import Timings, cpu_seconds, pct
 from services.cli.client import Clients
 from services.cli.stack import Stack
 from services.cli.targets import DEFAULT_PORTS
@@ -48,32 +47,6 @@ LABELS = ("positive", "negative")
 PASSWORD = "bench-password-123"
 _HIDDEN_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 _META_CSRF = re.compile(r'<meta name="csrf-token" content="([^"]+)"')
-
-
-@dataclass
-class Timings:
-    next_ms: list[float] = field(default_factory=list)
-    submit_ms: list[float] = field(default_factory=list)
-    failures: dict[str, int] = field(default_factory=dict)
-    empty: int = 0
-
-    def fail(self, what: str) -> None:
-        self.failures[what] = self.failures.get(what, 0) + 1
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return float("nan")
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 async def _set_up(stack: Stack, annotators: int, tasks: int) -> None:
@@ -191,7 +164,7 @@ async def run(annotators: int, seconds: float, think: float, tasks: int, state_d
             with console.status(f"{annotators} annotators logging in through the login form…"):
                 tokens = [await _log_in(b, stack.web_url, f"ann-{i:03d}") for i, b in enumerate(browsers)]
             pids = {name: proc.pid for name, proc in stack.processes.items()}
-            cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             timings = Timings()
             deadline = time.monotonic() + seconds
             started = time.monotonic()
@@ -203,7 +176,7 @@ async def run(annotators: int, seconds: float, think: float, tasks: int, state_d
                     )
                 )
             wall = time.monotonic() - started
-            cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         finally:
             for b in browsers:
                 await b.close()
@@ -221,9 +194,9 @@ async def run(annotators: int, seconds: float, think: float, tasks: int, state_d
         table.add_row(
             name,
             f"{len(values):,}",
-            f"{_pct(values, 0.50):.1f}",
-            f"{_pct(values, 0.95):.1f}",
-            f"{_pct(values, 0.99):.1f}",
+            f"{pct(values, 0.50):.1f}",
+            f"{pct(values, 0.95):.1f}",
+            f"{pct(values, 0.99):.1f}",
             f"{max(values, default=float('nan')):.1f}",
         )
     console.print(table)

@@ -47,7 +47,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -57,6 +57,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from loadtests.measure import Timings, cpu_seconds, pct
 from services.cli.client import channel
 from services.cli.stack import Stack, log_tail
 from services.common.bus.contracts import Subject
@@ -79,17 +80,6 @@ MOODS = ("quick", "slow", "friendly", "rude", "fine", "broken", "great", "late")
 # What --fill-direct writes; columns added by later migrations take their defaults.
 TASK_COLUMNS = ["task_id", "item_id", "project_id", "external_id", "text", "suggested_label"]
 TASK_COLUMNS += ["confidence", "reason", "priority", "synthetic", "round", "state"]
-
-
-@dataclass
-class Timings:
-    next_ms: list[float] = field(default_factory=list)
-    submit_ms: list[float] = field(default_factory=list)
-    failures: dict[str, int] = field(default_factory=dict)
-    empty: int = 0
-
-    def fail(self, what: str) -> None:
-        self.failures[what] = self.failures.get(what, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -147,50 +137,14 @@ class Synthetic:
         )
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _cpu_seconds(pid: int | None, *, with_children: bool = False) -> float:
-    """utime + stime of a process; with_children adds its live children and the ones it reaped
-    (PostgreSQL does its work in backends, forked per connection)."""
-    if pid is None:
-        return float("nan")
-    own = _stat_fields(pid)
-    if own is None:
-        return float("nan")
-    ticks = os.sysconf("SC_CLK_TCK")
-    # Fields after the command name: state is 0, ppid 1, utime 11, stime 12, cutime 13, cstime 14.
-    if not with_children:
-        return (int(own[11]) + int(own[12])) / ticks
-    total = sum(int(own[i]) for i in (11, 12, 13, 14))
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        child = _stat_fields(int(entry.name))
-        if child is not None and int(child[1]) == pid:
-            total += sum(int(child[i]) for i in (11, 12, 13, 14))
-    return total / ticks
-
-
 def _cpu_snapshot(stack: Stack) -> dict[str, float]:
     out = {
-        "postgres (all backends)": _cpu_seconds(
+        "postgres (all backends)": cpu_seconds(
             stack.postgres.pid if stack.postgres else None, with_children=True
         ),
-        "nats-server": _cpu_seconds(stack.nats.pid if stack.nats else None),
+        "nats-server": cpu_seconds(stack.nats.pid if stack.nats else None),
     }
-    out.update({name: _cpu_seconds(proc.pid) for name, proc in stack.processes.items()})
+    out.update({name: cpu_seconds(proc.pid) for name, proc in stack.processes.items()})
     own = os.times()
     out["load generator (this)"] = own.user + own.system
     return out
@@ -485,13 +439,13 @@ def _report(
             f"{len(values):,}",
             f"{failed:,}",
             f"{len(values) / wall:,.1f}",
-            f"{_pct(values, 0.50):.1f}",
-            f"{_pct(values, 0.95):.1f}",
-            f"{_pct(values, 0.99):.1f}",
+            f"{pct(values, 0.50):.1f}",
+            f"{pct(values, 0.95):.1f}",
+            f"{pct(values, 0.99):.1f}",
             f"{max(values, default=float('nan')):.1f}",
         )
     console.print(table)
-    p99 = _pct(timings.next_ms, 0.99)
+    p99 = pct(timings.next_ms, 0.99)
     console.print(
         f"claims/s {len(timings.next_ms) / wall:,.1f}, labels/s {len(timings.submit_ms) / wall:,.1f}; "
         f"empty-queue answers {timings.empty:,}; failures: {timings.failures or 'none'}"

@@ -60,20 +60,29 @@ class TaskConsumer:
     async def __call__(self, delivery: Delivery) -> None:
         message = delivery.message
         if isinstance(message, tasks_pb2.ReviewTaskBatch):
-            project = await self._projects.get(message.project_id) if message.tasks else None
-            full = [n for t in message.tasks if t.text for n in _routed(t, project)]
+            # Each task names its project (the batch's is a default): route it by that project.
+            projects = {
+                pid: await self._projects.get(pid)
+                for pid in {t.project_id or message.project_id for t in message.tasks if t.text}
+            }
+            full = [
+                n
+                for t in message.tasks
+                if t.text
+                for n in _routed(t, projects[t.project_id or message.project_id])
+            ]
             rerank = [repo.Rerank(t.item_id, t.priority, t.reason) for t in message.tasks if not t.text]
             async with self._pool.acquire() as conn, conn.transaction():
-                if project is not None and project.skill_fields and full:
-                    await repo.lock_skills(conn, project.project_id)
+                for project in projects.values():
+                    if project.skill_fields:
+                        await repo.lock_skills(conn, project.project_id)
                 await repo.upsert_tasks(conn, full, rerank)
         elif isinstance(message, tasks_pb2.TaskWithdrawalBatch):
             async with self._pool.acquire() as conn, conn.transaction():
                 WITHDRAWN.inc(await repo.withdraw(conn, message.project_id, message.item_ids))
 
 
-def _routed(t: tasks_pb2.ReviewTask, project: ProjectSpec | None) -> list[repo.NewTask]:
-    assert project is not None
+def _routed(t: tasks_pb2.ReviewTask, project: ProjectSpec) -> list[repo.NewTask]:
     slots = 1
     if t.round == 0:
         slots = service.slots_needed(
@@ -86,7 +95,7 @@ def _routed(t: tasks_pb2.ReviewTask, project: ProjectSpec | None) -> list[repo.N
             repo.NewTask(
                 task_id=tid,
                 item_id=t.item_id,
-                project_id=t.project_id,
+                project_id=project.project_id,
                 external_id=t.external_id,
                 text=t.text,
                 suggested_label=t.suggested_label,
@@ -459,6 +468,9 @@ def _human_label(
         labeled_unix_ms=int(labeled_at.timestamp() * 1000),
         reason=task.reason,
         pool_id=pool_id,
+        # Always the model's label, even when the person was not shown it: an audit is then
+        # scored against it in the export's quality report.
+        suggested_label=task.suggested_label,
     )
 
 

@@ -463,6 +463,17 @@ async def test_second_opinion_mode_and_hidden_suggestions(review: Review, js: Je
     assert plain.reason == "uncertain" and plain.suggested_label == "yes"
     audited = await _next(reviewer)
     assert audited.reason == "audit" and not audited.suggested_label
+    # Hidden from the auditor, the model's label still travels with the audit's label, so the
+    # export can score the audit against it.
+    assert (await reviewer.review.SubmitLabel(_submit(audited, "yes"))).accepted
+    sub = await review.js.subscribe(str(Subject.LABELS_ANNOTATED), stream="TANDEM_LABELS")
+    try:
+        sent = labels_pb2.HumanLabelBatch.FromString((await sub.next_msg(timeout=10)).data)
+    finally:
+        await sub.unsubscribe()
+    assert [(lb.task_id, lb.label, lb.reason, lb.suggested_label) for lb in sent.labels] == [
+        (audited.task_id, "yes", "audit", "no")
+    ]
     # A project that hides suggestions hides them on every task.
     await ProjectDirectory(js).put(dataclasses.replace(OTHER, hide_suggestions=True))
     ann, _ = await review.person("ann", projects=["other"])
@@ -485,3 +496,11 @@ async def test_second_opinion_mode_and_hidden_suggestions(review: Review, js: Je
     )
     hidden = await _next(ann, project="other")
     assert not hidden.suggested_label and hidden.confidence == 0
+
+
+async def test_tasks_name_their_own_project(review: Review) -> None:
+    """A batch without a project of its own: each task is routed by the project it names."""
+    ann, _ = await review.person("ann")
+    item = str(uuid.uuid4())
+    await review.publish(tasks_pb2.ReviewTaskBatch(batch_id=str(uuid.uuid4()), tasks=[_task(item, 0.5)]))
+    assert (await _next(ann)).item_id == item
