@@ -24,6 +24,7 @@ from services.cli.commands import console
 from services.cli.demo import DemoOptions, run_demo
 from services.cli.files import InputError
 from services.cli.generate import generate_examples
+from services.cli.quality import REPORT_FORMATS, flags_table, quality_report
 from services.cli.stack import Stack, StackError
 from services.cli.targets import resolve_targets, write_targets
 from services.cli.workforce import WorkforceConfig
@@ -172,6 +173,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--seed", type=int, default=0, help="seed of the split")
 
+    rp = sub.add_parser("report", help="quality and fairness by slice, from a fresh export (HTML or JSON)")
+    rp.add_argument("--project", required=True)
+    rp.add_argument(
+        "--slice", action="append", required=True, metavar="FIELD", help="a metadata field (repeatable)"
+    )
+    rp.add_argument("--format", choices=REPORT_FORMATS, default="html")
+    rp.add_argument("-o", "--output", type=Path, help="the file (default: reports/<project>-quality-<time>)")
+    rp.add_argument("--target", type=float, help="target accuracy (default: the project's)")
+
     lg = sub.add_parser("login", help="log in with a password; saves an API token for this machine")
     lg.add_argument("user")
     lg.add_argument("--ttl-days", type=float, default=30)
@@ -316,6 +326,13 @@ async def _with_clients(args: argparse.Namespace) -> int:
             return 0
         elif args.command == "status":
             work = commands.status(clients, args.project, args.watch)
+        elif args.command == "report":
+            report, path = await quality_report(
+                clients, args.project, args.slice, args.format, args.output, args.target
+            )
+            console.print(flags_table(report))
+            console.print(f"report: {path}")
+            return 0
         else:
             split = None
             if args.split is not None:

@@ -58,6 +58,7 @@ RAW_LABEL_TYPE = pa.struct(
         ("label", pa.string()),
         ("labeled_at", _TS),
         ("reason", pa.string()),
+        ("model_label", pa.string()),
     ]
 )
 # metadata is a JSON string, not a map: pandas turns a map column into lists of (key, value)

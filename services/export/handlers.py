@@ -101,6 +101,7 @@ def _raw_labels(batch: labels_pb2.HumanLabelBatch) -> list[RawLabel]:
                 reason=lb.reason,
                 seconds_spent=lb.seconds_spent,
                 labeled_at=datetime.fromtimestamp(lb.labeled_unix_ms / 1000, tz=UTC),
+                model_label=lb.suggested_label,
             )
         )
     return out

@@ -41,6 +41,7 @@ class RawLabel:
     reason: str
     seconds_spent: float
     labeled_at: datetime
+    model_label: str = ""  # the model's label the task carried ('' = none)
 
 
 def person_of(pending: bool, annotator_id: str, annotator_ids: Sequence[str]) -> str | None:

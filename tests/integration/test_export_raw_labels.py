@@ -77,6 +77,7 @@ def _human(
     pool_id: str = "",
     pending: bool = False,
     annotator_ids: tuple[str, ...] = (),
+    suggested_label: str = "",
 ) -> labels_pb2.HumanLabelBatch:
     return labels_pb2.HumanLabelBatch(
         batch_id=str(uuid.uuid4()),
@@ -93,6 +94,7 @@ def _human(
                 pool_id=pool_id,
                 pending=pending,
                 annotator_ids=annotator_ids,
+                suggested_label=suggested_label,
             )
         ],
     )
@@ -158,8 +160,27 @@ async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> No
             ),
         )
         # Published out of time order: the export orders raw labels by when they were given.
-        ann_a = _human(overlap_item, "t1-a", "ann-a", "cat", now - 5_000, pool_id="north", pending=True)
-        ann_b = _human(overlap_item, "t1-b", "ann-b", "dog", now - 9_000, pool_id="south", pending=True)
+        # The model proposed "cat" on the overlap item's tasks; the single item's task had no proposal.
+        ann_a = _human(
+            overlap_item,
+            "t1-a",
+            "ann-a",
+            "cat",
+            now - 5_000,
+            pool_id="north",
+            pending=True,
+            suggested_label="cat",
+        )
+        ann_b = _human(
+            overlap_item,
+            "t1-b",
+            "ann-b",
+            "dog",
+            now - 9_000,
+            pool_id="south",
+            pending=True,
+            suggested_label="cat",
+        )
         # The aggregate of the two: a real label on the subject, but nobody's own.
         aggregate = _human(overlap_item, "t1-final", "", "cat", now - 4_000, annotator_ids=("ann-a", "ann-b"))
         single = _human(single_item, "t2", "ann-c", "bird", now - 3_000, pool_id="north")
@@ -217,8 +238,10 @@ async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> No
         ("ann-a", "north", "cat"),
     ]
     assert all(
-        set(r) == {"annotator_id", "pool_id", "label", "labeled_at", "reason"} for r in first["raw_labels"]
+        set(r) == {"annotator_id", "pool_id", "label", "labeled_at", "reason", "model_label"}
+        for r in first["raw_labels"]
     )
+    assert [r["model_label"] for r in first["raw_labels"]] == ["cat", "cat"]
     assert first["raw_labels"][0]["reason"] == "uncertain"
     assert first["raw_labels"][0]["labeled_at"] < first["raw_labels"][1]["labeled_at"]
     assert (first["label"], first["source"], first["aggregation"]) == ("cat", "consensus", "dawid_skene")
@@ -230,4 +253,5 @@ async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> No
     assert [(r["annotator_id"], r["pool_id"], r["label"]) for r in second["raw_labels"]] == [
         ("ann-c", "north", "bird")
     ]
+    assert second["raw_labels"][0]["model_label"] == ""
     assert (second["aggregation"], second["posterior"]) == ("single", 1.0)
