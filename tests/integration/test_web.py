@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -468,3 +468,30 @@ async def test_csv_uploads_keep_quoted_newlines() -> None:
     assert sent[0].text == b'two\nlines, one "quote"' and dict(sent[0].metadata) == {"lang": "en"}
     # Bytes that are not UTF-8 reach the service as they were, for it to judge.
     assert sent[1].text == b"caf\xe9 \xff"
+
+
+async def test_exports_in_every_format_download_as_one_file(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.web_url, timeout=30) as boss:
+        await _login(boss, "boss")
+        status = await boss.get("/projects/mine")
+        assert 'name="format"' in status.text
+        token = _csrf(status)
+        refused = await boss.post("/projects/mine/exports", data={"csrf": token, "format": "xlsx"})
+        assert refused.status_code == 400 and "Choose a format" in refused.text
+        # No item has a final label yet: each file is the format's empty form.
+        expected: dict[str, tuple[str, str, Callable[[bytes], bool]]] = {
+            "csv": ("text/csv", ".csv", lambda body: body.startswith(b"id,")),
+            "parquet": ("application/vnd.apache.parquet", ".parquet", lambda body: body[:4] == b"PAR1"),
+            "label-studio": ("application/json", ".json", lambda body: body.strip() == b"[]"),
+            "jsonl": ("application/x-ndjson", ".jsonl", lambda body: body == b""),
+        }
+        for name, (content_type, suffix, looks_right) in expected.items():
+            created = await boss.post("/projects/mine/exports", data={"csrf": token, "format": name})
+            assert created.status_code == 303, created.text
+            page = await boss.get(created.headers["location"])
+            assert "Download" in page.text
+            download = await boss.get(created.headers["location"] + "/download")
+            assert download.status_code == 200
+            assert download.headers["content-type"].startswith(content_type), name
+            assert download.headers["content-disposition"].endswith(f'{suffix}"'), name
+            assert looks_right(download.content), (name, download.content[:80])

@@ -264,11 +264,25 @@ async def upload(request: web.Request) -> web.StreamResponse:
 # --- export ---------------------------------------------------------------------------------------
 
 
+# What the export form offers: the format's name in the form → (format, extension, content type).
+EXPORT_FORMATS: dict[str, tuple[export_pb2.ExportFormat.ValueType, str, str]] = {
+    "jsonl": (export_pb2.EXPORT_FORMAT_JSONL, "jsonl", "application/x-ndjson; charset=utf-8"),
+    "csv": (export_pb2.EXPORT_FORMAT_CSV, "csv", "text/csv; charset=utf-8"),
+    "parquet": (export_pb2.EXPORT_FORMAT_PARQUET, "parquet", "application/vnd.apache.parquet"),
+    "label-studio": (export_pb2.EXPORT_FORMAT_LABEL_STUDIO, "json", "application/json"),
+}
+_FORMAT_NAMES = {fmt: name for name, (fmt, _, _) in EXPORT_FORMATS.items()}
+
+
 async def create_export(request: web.Request) -> web.StreamResponse:
     _require(request, Action.EXPORT, "export")
     project_id = request.match_info["project_id"]
+    form = await request.post()
+    name = str(form.get("format") or "jsonl")
+    if name not in EXPORT_FORMATS:
+        raise bad_request(f"Choose a format: {', '.join(EXPORT_FORMATS)}.")
     info = await app_state(request).backends.export.CreateExport(
-        export_pb2.CreateExportRequest(project_id=project_id), **auth(request)
+        export_pb2.CreateExportRequest(project_id=project_id, format=EXPORT_FORMATS[name][0]), **auth(request)
     )
     raise web.HTTPSeeOther(f"/projects/{project_id}/exports/{info.export_id}")
 
@@ -284,16 +298,33 @@ async def _export(request: web.Request) -> export_pb2.ExportInfo:
     return info
 
 
+def _format_of(info: export_pb2.ExportInfo) -> tuple[str, str, str]:
+    """(name, extension, content type) of an export's format."""
+    name = _FORMAT_NAMES.get(info.format, "jsonl")
+    _, extension, content_type = EXPORT_FORMATS[name]
+    return name, extension, content_type
+
+
 async def export_page(request: web.Request) -> web.StreamResponse:
     info = await _export(request)
-    return render(request, "export.html", info=info, sources=sorted(info.rows_by_source.items()))
+    return render(
+        request,
+        "export.html",
+        info=info,
+        sources=sorted(info.rows_by_source.items()),
+        format_name=_format_of(info)[0],
+    )
 
 
 async def export_download(request: web.Request) -> web.StreamResponse:
     info = await _export(request)
     st = app_state(request)
+    name, extension, content_type = _format_of(info)
+    filename = f"{info.project_id}-{info.export_id}.{extension}"
     call = st.backends.export.StreamExport(
-        export_pb2.StreamExportRequest(export_id=info.export_id),
+        export_pb2.StreamExportRequest(
+            export_id=info.export_id, file_stem=f"{info.project_id}-{info.export_id}"
+        ),
         metadata=auth(request)["metadata"],
         timeout=EXPORT_TIMEOUT_SECONDS,
     )
@@ -304,17 +335,22 @@ async def export_download(request: web.Request) -> web.StreamResponse:
     except StopAsyncIteration:
         first = None
     response = web.StreamResponse(
-        headers={
-            "Content-Type": "application/x-ndjson; charset=utf-8",
-            "Content-Disposition": f'attachment; filename="{info.project_id}-{info.export_id}.jsonl"',
-        }
+        headers={"Content-Type": content_type, "Content-Disposition": f'attachment; filename="{filename}"'}
     )
     await response.prepare(request)
+
+    def payload(chunk: export_pb2.ExportChunk) -> bytes:
+        # One file per download: the data file (a Parquet export's dataset card stays out; the
+        # CLI writes it beside the data).
+        if name == "jsonl":
+            return chunk.jsonl
+        return chunk.data if chunk.file == filename else b""
+
     if first is not None:
-        await response.write(first.jsonl)
+        await response.write(payload(first))
         try:
             async for chunk in iterator:
-                await response.write(chunk.jsonl)
+                await response.write(payload(chunk))
         except grpc.aio.AioRpcError as error:
             # The headers are gone, so no error page: the connection is cut before the final
             # chunk, which the browser reports as a failed download rather than a short file.
