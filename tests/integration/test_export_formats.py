@@ -23,17 +23,15 @@ import grpc
 import nats
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
-from google.protobuf.message import Message
-from nats.js import JetStreamContext
 
 from services.cli.client import channel
 from services.cli.stack import Stack
-from services.common.bus.contracts import subject_for
-from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_RAW_LABELS, ConsumerSpec
+from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_RAW_LABELS
 from services.export.split import group_key
 from services.gen.tandem.export.v1 import export_pb2, export_pb2_grpc
 from services.gen.tandem.items.v1 import items_pb2
 from services.gen.tandem.labels.v1 import labels_pb2
+from tests.integration.bus import drained, publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -66,23 +64,6 @@ async def stack(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterat
         await asyncio.to_thread(stack.stop)
 
 
-async def _publish(js: JetStreamContext, message: Message) -> None:
-    await js.publish(
-        str(subject_for(message)), message.SerializeToString(), headers={"Nats-Msg-Id": str(uuid.uuid4())}
-    )
-
-
-async def _drained(js: JetStreamContext, spec: ConsumerSpec, delivered: int, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        info = await js.consumer_info(spec.stream, spec.name)
-        if info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.consumer_seq == delivered:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{spec.name} did not settle: {info}")
-        await asyncio.sleep(0.1)
-
-
 @pytest.fixture
 async def labeled(stack: Stack) -> dict[str, str]:
     """The items on the bus, labeled; external id → item id."""
@@ -91,7 +72,7 @@ async def labeled(stack: Stack) -> dict[str, str]:
     nc = await nats.connect(stack.nats_url, connect_timeout=5)
     try:
         js = nc.jetstream()
-        await _publish(
+        await publish(
             js,
             items_pb2.ItemBatch(
                 batch_id=str(uuid.uuid4()),
@@ -123,7 +104,7 @@ async def labeled(stack: Stack) -> dict[str, str]:
             for ext, _, _, people in ITEMS
             for i, (who, lb) in enumerate(people)
         ]
-        await _publish(
+        await publish(
             js, labels_pb2.HumanLabelBatch(batch_id=str(uuid.uuid4()), project_id=PROJECT, labels=raw)
         )
         finals = [
@@ -139,12 +120,12 @@ async def labeled(stack: Stack) -> dict[str, str]:
             )
             for ext, _, label, people in ITEMS
         ]
-        await _publish(
+        await publish(
             js, labels_pb2.FinalLabelBatch(batch_id=str(uuid.uuid4()), project_id=PROJECT, labels=finals)
         )
-        await _drained(js, EXPORT_ITEMS, delivered=1)
-        await _drained(js, EXPORT_RAW_LABELS, delivered=1)
-        await _drained(js, EXPORT_LABELS, delivered=1)
+        await drained(js, EXPORT_ITEMS, delivered=1)
+        await drained(js, EXPORT_RAW_LABELS, delivered=1)
+        await drained(js, EXPORT_LABELS, delivered=1)
     finally:
         await nc.close()
     return ids

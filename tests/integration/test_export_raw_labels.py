@@ -19,16 +19,14 @@ from typing import Any
 import asyncpg
 import nats
 import pytest
-from google.protobuf.message import Message
-from nats.js import JetStreamContext
 
 from services.cli.client import channel
 from services.cli.stack import Stack
-from services.common.bus.contracts import subject_for
-from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_RAW_LABELS, ConsumerSpec
+from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_RAW_LABELS
 from services.gen.tandem.export.v1 import export_pb2, export_pb2_grpc
 from services.gen.tandem.items.v1 import items_pb2
 from services.gen.tandem.labels.v1 import labels_pb2
+from tests.integration.bus import drained, publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -43,28 +41,6 @@ async def stack(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterat
         yield stack
     finally:
         await asyncio.to_thread(stack.stop)
-
-
-async def _publish(js: JetStreamContext, message: Message) -> None:
-    # A fresh Nats-Msg-Id each time: the server's duplicate window must not hide a second copy,
-    # so a repeated message reaches the consumer as a redelivery would.
-    await js.publish(
-        str(subject_for(message)), message.SerializeToString(), headers={"Nats-Msg-Id": str(uuid.uuid4())}
-    )
-
-
-async def _drained(js: JetStreamContext, spec: ConsumerSpec, delivered: int, within: float = 30) -> None:
-    """Wait until the consumer was handed `delivered` messages and acknowledged every one (the
-    worker acks after the handler's transaction committed)."""
-    deadline = time.monotonic() + within
-    while True:
-        info = await js.consumer_info(spec.stream, spec.name)
-        done = info.num_pending == 0 and info.num_ack_pending == 0
-        if done and info.delivered.consumer_seq == delivered:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{spec.name} did not settle: {info}")
-        await asyncio.sleep(0.1)
 
 
 def _human(
@@ -142,7 +118,7 @@ async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> No
     nc = await nats.connect(stack.nats_url, connect_timeout=5)
     try:
         js = nc.jetstream()
-        await _publish(
+        await publish(
             js,
             items_pb2.ItemBatch(
                 batch_id=str(uuid.uuid4()),
@@ -185,8 +161,8 @@ async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> No
         aggregate = _human(overlap_item, "t1-final", "", "cat", now - 4_000, annotator_ids=("ann-a", "ann-b"))
         single = _human(single_item, "t2", "ann-c", "bird", now - 3_000, pool_id="north")
         for message in (ann_a, ann_b, aggregate, single):
-            await _publish(js, message)
-        await _publish(
+            await publish(js, message)
+        await publish(
             js,
             _final(
                 overlap_item,
@@ -198,18 +174,18 @@ async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> No
                 now - 4_000,
             ),
         )
-        await _publish(
+        await publish(
             js,
             _final(
                 single_item, "bird", labels_pb2.LABEL_SOURCE_HUMAN, "single", 1.0, ("ann-c",), now - 3_000
             ),
         )
         # The same person's label once more, as a redelivery after a crash before the ack would.
-        await _publish(js, ann_a)
+        await publish(js, ann_a)
 
-        await _drained(js, EXPORT_ITEMS, delivered=1)
-        await _drained(js, EXPORT_LABELS, delivered=2)
-        await _drained(js, EXPORT_RAW_LABELS, delivered=5)
+        await drained(js, EXPORT_ITEMS, delivered=1)
+        await drained(js, EXPORT_LABELS, delivered=2)
+        await drained(js, EXPORT_RAW_LABELS, delivered=5)
     finally:
         await nc.close()
 
