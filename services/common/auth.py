@@ -167,6 +167,9 @@ RULES: dict[str, Rule] = {
     _X + "CreateExport": Rule(Action.EXPORT, "project_id"),
     _X + "GetExport": Rule(Action.EXPORT),  # the handler checks the export's project
     _X + "StreamExport": Rule(Action.EXPORT),
+    _X + "ListExports": Rule(Action.EXPORT, "project_id"),
+    # A report publishes flags the scorer acts on: those who may export may ask for one.
+    "/tandem.export.v1.ReportService/GetReport": Rule(Action.EXPORT, "project_id"),
     _ID + "Login": OPEN,
     _ID + "Logout": Rule(Action.SELF),
     _ID + "WhoAmI": Rule(Action.SELF),

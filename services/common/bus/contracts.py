@@ -10,6 +10,7 @@ from services.common.errors import PoisonMessage
 from services.gen.tandem.items.v1 import items_pb2
 from services.gen.tandem.labels.v1 import labels_pb2
 from services.gen.tandem.predictions.v1 import predictions_pb2
+from services.gen.tandem.quality.v1 import quality_pb2
 from services.gen.tandem.tasks.v1 import tasks_pb2
 
 
@@ -20,6 +21,7 @@ class Subject(StrEnum):
     TASKS_WITHDRAWN = "tandem.tasks.v1.withdrawn"
     LABELS_ANNOTATED = "tandem.labels.v1.annotated"
     LABELS_FINALIZED = "tandem.labels.v1.finalized"
+    QUALITY_SLICES_FLAGGED = "tandem.quality.v1.slices_flagged"
 
 
 MESSAGE_TYPES: dict[Subject, type[Message]] = {
@@ -29,6 +31,7 @@ MESSAGE_TYPES: dict[Subject, type[Message]] = {
     Subject.TASKS_WITHDRAWN: tasks_pb2.TaskWithdrawalBatch,
     Subject.LABELS_ANNOTATED: labels_pb2.HumanLabelBatch,
     Subject.LABELS_FINALIZED: labels_pb2.FinalLabelBatch,
+    Subject.QUALITY_SLICES_FLAGGED: quality_pb2.SliceFlags,
 }
 
 DLQ_PREFIX = "tandem.dlq"

@@ -54,6 +54,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("TANDEM_PREDICTIONS", ("tandem.predictions.v1.>",)),
     StreamSpec("TANDEM_TASKS", ("tandem.tasks.v1.>",)),
     StreamSpec("TANDEM_LABELS", ("tandem.labels.v1.>",)),
+    StreamSpec("TANDEM_QUALITY", ("tandem.quality.v1.>",)),
     StreamSpec("TANDEM_DLQ", (f"{DLQ_PREFIX}.>",), max_age_seconds=30 * DAY),
 )
 
@@ -72,6 +73,8 @@ EXPORT_LABELS = ConsumerSpec("export-labels", "TANDEM_LABELS", (Subject.LABELS_F
 EXPORT_RAW_LABELS = ConsumerSpec("export-raw-labels", "TANDEM_LABELS", (Subject.LABELS_ANNOTATED,))
 # Item metadata, for the skills a task needs (projects with skill fields only).
 REVIEW_ITEMS = ConsumerSpec("review-items", "TANDEM_ITEMS", (Subject.ITEMS_INGESTED,))
+# Slices a quality report flagged: the scorer audits their items more.
+SCORER_SLICES = ConsumerSpec("scorer-slices", "TANDEM_QUALITY", (Subject.QUALITY_SLICES_FLAGGED,))
 
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     INFERENCE,
@@ -82,6 +85,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     EXPORT_LABELS,
     EXPORT_RAW_LABELS,
     REVIEW_ITEMS,
+    SCORER_SLICES,
 )
 
 PROJECTS_BUCKET = "tandem_projects"
