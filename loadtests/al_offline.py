@@ -376,7 +376,7 @@ def simulate(
                     model.relabel(item_id, second)
         model.refit()
         if params.second_opinions:
-            for item_id, suspected in model.label_issues(params.second_opinions):
+            for item_id, suspected, _ in model.label_issues(params.second_opinions):
                 i = row_of[item_id]
                 model.second_opinion_asked.add(item_id)
                 second = annotate(i)

@@ -102,6 +102,7 @@ def _raw_labels(batch: labels_pb2.HumanLabelBatch) -> list[RawLabel]:
                 seconds_spent=lb.seconds_spent,
                 labeled_at=datetime.fromtimestamp(lb.labeled_unix_ms / 1000, tz=UTC),
                 model_label=lb.suggested_label,
+                model_confidence=lb.suggested_confidence,
             )
         )
     return out

@@ -70,9 +70,9 @@ async def insert_raw_labels(conn: asyncpg.Connection, labels: Sequence[RawLabel]
     """Store people's own labels; one already stored (a redelivery) is left as it is."""
     await conn.execute(
         "INSERT INTO export.raw_labels (item_id, project_id, task_id, annotator_id, pool_id, label, reason,"
-        " seconds_spent, labeled_at, model_label)"
+        " seconds_spent, labeled_at, model_label, model_confidence)"
         " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
-        " $7::text[], $8::float8[], $9::timestamptz[], $10::text[])"
+        " $7::text[], $8::float8[], $9::timestamptz[], $10::text[], $11::real[])"
         " ON CONFLICT (item_id, task_id, annotator_id) DO NOTHING",
         [lb.item_id for lb in labels],
         [lb.project_id for lb in labels],
@@ -84,6 +84,7 @@ async def insert_raw_labels(conn: asyncpg.Connection, labels: Sequence[RawLabel]
         [lb.seconds_spent for lb in labels],
         [lb.labeled_at for lb in labels],
         [lb.model_label for lb in labels],
+        [lb.model_confidence for lb in labels],
     )
 
 
@@ -112,7 +113,8 @@ async def create_snapshot(conn: asyncpg.Connection, project_id: str, fmt: str = 
         # list then), so every item keeps its line; each item's labels are one index range scan.
         " CROSS JOIN LATERAL (SELECT coalesce(jsonb_agg(jsonb_build_object("
         "  'annotator_id', rl.annotator_id, 'pool_id', rl.pool_id, 'label', rl.label,"
-        "  'labeled_at', rl.labeled_at, 'reason', rl.reason, 'model_label', rl.model_label) ORDER BY rl.labeled_at, rl.annotator_id),"
+        "  'labeled_at', rl.labeled_at, 'reason', rl.reason, 'model_label', rl.model_label,"
+        "  'model_confidence', rl.model_confidence) ORDER BY rl.labeled_at, rl.annotator_id),"
         "  '[]'::jsonb) AS raw_labels FROM export.raw_labels rl WHERE rl.item_id = i.item_id) r"
         " WHERE i.project_id = $2"
         " RETURNING line->>'source' AS source)"

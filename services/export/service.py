@@ -42,6 +42,7 @@ class RawLabel:
     seconds_spent: float
     labeled_at: datetime
     model_label: str = ""  # the model's label the task carried ('' = none)
+    model_confidence: float = 0.0  # the model's confidence in it (0 = none)
 
 
 def person_of(pending: bool, annotator_id: str, annotator_ids: Sequence[str]) -> str | None:

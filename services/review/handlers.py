@@ -471,6 +471,7 @@ def _human_label(
         # Always the model's label, even when the person was not shown it: an audit is then
         # scored against it in the export's quality report.
         suggested_label=task.suggested_label,
+        suggested_confidence=task.confidence if task.suggested_label else 0.0,
     )
 
 

@@ -182,7 +182,7 @@ def lease_seconds(requested: float, default: float, maximum: float) -> float:
 
 
 # Tasks that measure the model or a person: a suggestion would anchor the answer on what is measured.
-BLIND_REASONS = frozenset({"audit", "second_opinion", "control", "gold"})
+BLIND_REASONS = frozenset({"audit", "second_opinion", "label_error", "control", "gold"})
 
 
 def shows_suggestion(task: Task, project_hides_suggestions: bool) -> bool:

@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
@@ -23,6 +24,7 @@ from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory, ProjectSpec
 from services.gen.tandem.labels.v1 import labels_pb2
 from services.gen.tandem.predictions.v1 import predictions_pb2
+from services.gen.tandem.quality.v1 import quality_pb2
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.gen.tandem.tasks.v1 import tasks_pb2
 from services.scorer import repo
@@ -40,11 +42,18 @@ T = TypeVar("T")
 
 DECISIONS = Counter("tandem_scorer_decisions_total", "Scorer decisions, by outcome.", ["outcome"])
 REFITS = Counter("tandem_scorer_refits_total", "Model refits.")
+SLICE_FLAGS = Counter(
+    "tandem_scorer_slice_flags_total", "Slices flagged by quality reports (their items get more audits)."
+)
 WITHDRAWN = Counter("tandem_scorer_withdrawn_total", "Review tasks withdrawn after a refit.")
 SECOND_OPINIONS = Counter(
     "tandem_scorer_second_opinions_total", "Human labels sent for a second opinion (confident learning)."
 )
 SECOND_OPINION = "second_opinion"
+# A human label confident learning doubts (Northcutt et al.): listed in the report's label-error
+# review with its outcome.
+LABEL_ERROR = "label_error"
+SECOND_LOOKS = frozenset({SECOND_OPINION, LABEL_ERROR})
 CERTIFIED = Gauge(
     "tandem_scorer_certified_accuracy", "Certified accuracy (lower bound) of the last refit.", ["project"]
 )
@@ -182,6 +191,7 @@ class Scorer:
                 embedding=X[i],
                 zero_shot=list(p.probs),
                 model_id=batch.model_id,
+                metadata=dict(p.metadata),
             )
             for i, p in enumerate(batch.predictions)
         ]
@@ -226,8 +236,8 @@ class Scorer:
         unknown = [lb.label for lb in settled if lb.label not in names]
         if unknown:
             raise PermanentError(f"labels {sorted(set(unknown))} are not in project {project.project_id!r}")
-        firsts = [lb for lb in settled if lb.reason != SECOND_OPINION]
-        seconds = [lb for lb in settled if lb.reason == SECOND_OPINION]
+        firsts = [lb for lb in settled if lb.reason not in SECOND_LOOKS]
+        seconds = [lb for lb in settled if lb.reason in SECOND_LOOKS]
         async with self._lock(project.project_id):
             model = await self._model(project)
             async with self._pool.acquire() as conn, conn.transaction():
@@ -291,6 +301,26 @@ class Scorer:
                     self._dirty.setdefault(project.project_id, time.monotonic())
                     self._wake.set()
 
+    async def on_slice_flags(self, delivery: Delivery) -> None:
+        """A quality report's flagged slices: their items get more audits from the next proposal
+        on (applied in SQL where the waiting items are read, so no model needs to be loaded)."""
+        msg = delivery.message
+        assert isinstance(msg, quality_pb2.SliceFlags)
+        flagged = [(f.field, f.value, list(f.reasons)) for f in msg.flagged]
+        reported = datetime.fromtimestamp(msg.reported_unix_ms / 1000, tz=UTC)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await repo.replace_slice_flags(conn, msg.project_id, list(msg.fields), flagged, reported)
+        SLICE_FLAGS.inc(len(flagged))
+        log.info(
+            "quality report %s on %s flagged %s",
+            msg.report_id,
+            msg.project_id,
+            [f"{f}={v}" for f, v, _ in flagged],
+        )
+        if msg.project_id in self._models:
+            self._dirty.setdefault(msg.project_id, time.monotonic())
+            self._wake.set()
+
     # -- refit and re-score --------------------------------------------------------------------
 
     async def refit_loop(self, stop: asyncio.Event) -> None:
@@ -339,7 +369,8 @@ class Scorer:
                 result = model.settle()
             else:
                 priorities = np.array([w.priority for w in waiting], dtype=np.float64)
-                result = model.rescore(X_waiting, [w.item_id for w in waiting], priorities)
+                flagged = np.array([w.in_flagged_slice for w in waiting], dtype=bool)
+                result = model.rescore(X_waiting, [w.item_id for w in waiting], priorities, flagged)
             accepted_ids = await self._apply(model, waiting, result)
             if spent:
                 done = set(accepted_ids)
@@ -515,17 +546,29 @@ class Scorer:
 
     async def _request_second_opinions(self, model: ProjectModel) -> None:
         """Human labels the model contradicts with confidence go to someone else for a second look."""
-        suspected = model.label_issues(self._settings.second_opinions_per_refit)
-        await self._ask_second_opinions(model, suspected, f"second:{model.project.project_id}:{model.refits}")
+        suspects = model.label_issues(self._settings.second_opinions_per_refit)
+        await self._ask_second_opinions(
+            model,
+            [(s.item_id, s.label) for s in suspects],
+            f"second:{model.project.project_id}:{model.refits}",
+            confidence={s.item_id: s.confidence for s in suspects},
+        )
 
     async def _ask_second_opinions(
-        self, model: ProjectModel, suspected: list[tuple[str, int]], key: str
+        self,
+        model: ProjectModel,
+        suspected: list[tuple[str, int]],
+        key: str,
+        confidence: dict[str, float] | None = None,
     ) -> None:
         """Send labeled items to someone else: (item id, the label the model suspects is right).
-        Label-error audits and disagreeing audits of proposals both go this way."""
+        Label-error audits (with the model's `confidence`: reason label_error, the model's label
+        carried for the report, hidden from the person) and disagreeing audits of proposals
+        (reason second_opinion) both go this way."""
         if not suspected:
             return
         project = model.project
+        suspected_label = dict(suspected)
         async with self._pool.acquire() as conn, conn.transaction():
             items = await repo.request_second_opinions(conn, suspected)
             tasks = [
@@ -536,8 +579,13 @@ class Scorer:
                     text=it.text,
                     # Checking labels keeps the dataset right: ahead of new uncertain items.
                     priority=1.0,
-                    reason=SECOND_OPINION,
-                    # No suggestion: the second person must not be anchored on either answer.
+                    reason=SECOND_OPINION if confidence is None else LABEL_ERROR,
+                    # Never shown (review hides suggestions on both reasons): the second person
+                    # must not be anchored on either answer. Carried for the export's report.
+                    suggested_label=(
+                        "" if confidence is None else project.labels[suspected_label[it.item_id]].name
+                    ),
+                    confidence=0.0 if confidence is None else confidence.get(it.item_id, 0.0),
                     synthetic=it.synthetic,
                     round=1,
                 )
@@ -649,8 +697,10 @@ class Scorer:
     async def stats(self, project_id: str) -> stats_pb2.ScorerStats:
         async with self._pool.acquire() as conn:
             c = await repo.counts(conn, project_id)
+            flags = await repo.slice_flags(conn, project_id)
         model = self._models.get(project_id)
         out = stats_pb2.ScorerStats(
+            flagged_slices=[f"{f['field']}={f['value']}" for f in flags],
             predicted=c.predicted,
             auto_accepted=c.auto,
             in_review=c.in_review,

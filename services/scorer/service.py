@@ -8,6 +8,7 @@ certificate out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,8 +34,18 @@ LABEL_AUDIT_MIN_CONFIDENCE = 0.9
 # the audits refute goes back to people, so early ones stay small.
 PROPOSAL_GROWTH = 1.0
 MIN_PROPOSAL = 50
+# The audit probability of a proposed item in a slice a quality report flagged (at least).
+FLAGGED_SLICE_AUDIT = 0.5
 
-__all__ = ["ProjectModel", "Rescored", "unit_draw"]
+__all__ = ["ProjectModel", "Rescored", "Suspect", "unit_draw"]
+
+
+class Suspect(NamedTuple):
+    """A human label the model contradicts: the label the model gives instead, and how sure it is."""
+
+    item_id: str
+    label: int
+    confidence: float
 
 
 @dataclass
@@ -158,9 +169,9 @@ class ProjectModel:
             self._y[row] = label
             self.pending_labels += 1
 
-    def label_issues(self, limit: int) -> list[tuple[str, int]]:
-        """Human labels the out-of-fold model contradicts with confidence and nobody re-checked yet:
-        (item id, the model's label), at most `limit`."""
+    def label_issues(self, limit: int) -> list[Suspect]:
+        """Human labels the out-of-fold model contradicts with confidence and nobody re-checked yet,
+        at most `limit`."""
         n = self.classifier.n_fitted
         if n < LABEL_AUDIT_MIN_LABELS or limit <= 0:
             return []
@@ -170,7 +181,8 @@ class ProjectModel:
         for row in label_issues(oof, self.y[:n], LABEL_AUDIT_MIN_CONFIDENCE):
             item_id = self.item_ids[row]
             if item_id not in self.second_opinion_asked:
-                out.append((item_id, int(oof[row].argmax())))
+                best = int(oof[row].argmax())
+                out.append(Suspect(item_id, best, float(oof[row, best])))
             if len(out) >= limit:
                 break
         return out
@@ -248,11 +260,19 @@ class ProjectModel:
         r = route(self.predict_proba(X), draws, self.n_labels, self.config.min_human_labels)
         return r.label, r.confidence, r.priority
 
-    def rescore(self, X: np.ndarray, item_ids: list[str], priorities: np.ndarray | None = None) -> Rescored:
+    def rescore(
+        self,
+        X: np.ndarray,
+        item_ids: list[str],
+        priorities: np.ndarray | None = None,
+        flagged: np.ndarray | None = None,
+    ) -> Rescored:
         """Items waiting for people after a refit: re-rank them, settle the pending proposals and
         propose the next batch among the items never proposed.
 
-        `priorities` are the waiting items' current priorities (unchanged ones are not re-sent)."""
+        `priorities` are the waiting items' current priorities (unchanged ones are not re-sent).
+        `flagged` marks items of slices a quality report flagged: audited at least
+        FLAGGED_SLICE_AUDIT when proposed."""
         out = Rescored()
         if not self.ranks_by_ambiguity:
             return out
@@ -271,7 +291,7 @@ class ProjectModel:
                 prio = HANDED_BACK_PRIORITY
             if priorities is None or abs(prio - float(priorities[row])) > 0.01:
                 out.reprioritize.append((row, prio))
-        self._propose(out, item_ids, routing.label, routing.confidence, fresh)
+        self._propose(out, item_ids, routing.label, routing.confidence, fresh, flagged)
         # A proposed item's priority is its audit's (or it waits for its batch): a re-rank of it
         # in the same message would race the audit's in review.
         proposed = {e.item_id for e in out.proposed}
@@ -287,7 +307,13 @@ class ProjectModel:
         return out
 
     def _propose(
-        self, out: Rescored, item_ids: list[str], labels: np.ndarray, conf: np.ndarray, fresh: np.ndarray
+        self,
+        out: Rescored,
+        item_ids: list[str],
+        labels: np.ndarray,
+        conf: np.ndarray,
+        fresh: np.ndarray,
+        flagged: np.ndarray | None = None,
     ) -> None:
         candidates = np.flatnonzero(fresh)
         # One proposal at a time: a pending audit counts as a disagreement, so a batch waiting for
@@ -303,9 +329,13 @@ class ProjectModel:
             return
         out.batch = self.book.next_batch
         self.book.proposed_at[out.batch] = self.n_labels
-        for rank, pi in zip(plan.rows.tolist(), plan.audit_prob.tolist(), strict=True):
+        for rank, planned in zip(plan.rows.tolist(), plan.audit_prob.tolist(), strict=True):
             row = int(candidates[rank])
             item_id = item_ids[row]
+            # More audits where a report found the labels worse than on average: the certificate
+            # stays valid (pi is still fixed before the draw) and the slice's accuracy is measured
+            # on more of its items.
+            pi = max(planned, FLAGGED_SLICE_AUDIT) if flagged is not None and flagged[row] else planned
             # The draw is fixed by the item id and only now compared with pi, which was set first.
             # A handed-back item proposed again gets a fresh one: its first draw is known to have
             # been at least the first pi, so reusing it would audit less often than pi says.

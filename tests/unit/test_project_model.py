@@ -268,10 +268,11 @@ def test_confident_contradictions_of_human_labels_are_sent_for_a_second_opinion(
     model.add_labels(X[29:120], wrong[29:], _ids(29, 120))
     model.refit()
     issues = model.label_issues(limit=10)
-    flagged = {item_id for item_id, _ in issues}
+    flagged = {s.item_id for s in issues}
     assert {f"item-{r}" for r in planted} <= flagged
     assert len(flagged) <= 6  # clean labels are left alone
-    suggested = dict(issues)
+    suggested = {s.item_id: s.label for s in issues}
+    assert all(s.confidence >= 0.9 for s in issues)  # LABEL_AUDIT_MIN_CONFIDENCE
     assert all(suggested[f"item-{r}"] == y[r] for r in planted)
     assert len(model.label_issues(limit=2)) == 2 and model.label_issues(limit=0) == []
     model.second_opinion_asked.update(flagged)
