@@ -67,6 +67,11 @@ def stats_table(s: stats_pb2.ProjectStats, elapsed: float | None = None) -> Tabl
             f"first-label agreement {sc.audit_accuracy:.3f} "
             f"(95% interval {sc.audit_accuracy_low:.3f}–{sc.audit_accuracy_high:.3f})",
         )
+    if sc.flagged_slices:
+        table.add_row(
+            "flagged slices",
+            f"audited more (a quality report flagged them): {', '.join(sc.flagged_slices)}",
+        )
     rv = s.review
     table.add_row(
         "review",

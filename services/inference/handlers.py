@@ -71,7 +71,11 @@ class PrelabelHandler:
             out.label_embeddings.extend(result.label_embeddings.ravel().tolist())
         for i, item in enumerate(batch.items):
             prediction = out.predictions.add(
-                item_id=item.item_id, external_id=item.external_id, text=item.text, synthetic=item.synthetic
+                item_id=item.item_id,
+                external_id=item.external_id,
+                text=item.text,
+                synthetic=item.synthetic,
+                metadata=dict(item.metadata),
             )
             prediction.probs.extend(result.probs[i].tolist())
             if result.embeddings is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-from services.common.bus.topology import SCORER_LABELS, SCORER_PREDICTIONS
+from services.common.bus.topology import SCORER_LABELS, SCORER_PREDICTIONS, SCORER_SLICES
 from services.common.fewshot import FewShotStore
 from services.common.lifecycle import Runtime, run
 from services.common.projects import ProjectDirectory
@@ -26,6 +26,7 @@ def main() -> None:
         scorer = Scorer(rt.pool, relay, ProjectDirectory(rt.js), settings, FewShotStore(rt.js))
         rt.add_worker(SCORER_PREDICTIONS, scorer.on_predictions)
         rt.add_worker(SCORER_LABELS, scorer.on_human_labels, fetch_batch=64)
+        rt.add_worker(SCORER_SLICES, scorer.on_slice_flags)
         rt.add_background(scorer.refit_loop)
         stats_pb2_grpc.add_StatsServiceServicer_to_server(ScorerStatsServicer(scorer), rt.grpc_server)
 

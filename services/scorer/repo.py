@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import asyncpg
 import numpy as np
@@ -22,6 +24,7 @@ class NewItem:
     embedding: np.ndarray
     zero_shot: list[float]
     model_id: str
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Waiting:
     embedding: np.ndarray
     zero_shot: np.ndarray
     priority: float
+    in_flagged_slice: bool = False  # a quality report flagged a slice the item is in
 
 
 def _vec(data: bytes) -> np.ndarray:
@@ -182,11 +186,11 @@ async def insert_new(
     """Insert predicted items with their decisions; returns the ids that were new (idempotency)."""
     rows = await conn.fetch(
         "INSERT INTO scorer.items (item_id, project_id, external_id, text, synthetic, embedding, zero_shot,"
-        " state, reason, predicted_label, confidence, priority, model_id)"
+        " state, reason, predicted_label, confidence, priority, model_id, metadata)"
         " SELECT u.id, u.project, u.ext, u.txt, u.syn, u.emb, u.zs::real[], u.state, u.reason, u.label, u.conf,"
-        " u.prio, u.model FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::boolean[],"
-        " $6::bytea[], $7::text[], $8::text[], $9::text[], $10::int[], $11::real[], $12::real[], $13::text[])"
-        " AS u(id, project, ext, txt, syn, emb, zs, state, reason, label, conf, prio, model)"
+        " u.prio, u.model, u.meta::jsonb FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::boolean[],"
+        " $6::bytea[], $7::text[], $8::text[], $9::text[], $10::int[], $11::real[], $12::real[], $13::text[],"
+        " $14::text[]) AS u(id, project, ext, txt, syn, emb, zs, state, reason, label, conf, prio, model, meta)"
         " ON CONFLICT (item_id) DO NOTHING RETURNING item_id",
         [it.item_id for it in items],
         [project_id] * len(items),
@@ -202,6 +206,7 @@ async def insert_new(
         [d.confidence for d in decisions],
         [d.priority for d in decisions],
         [it.model_id for it in items],
+        [json.dumps(it.metadata) for it in items],
     )
     return {str(r["item_id"]) for r in rows}
 
@@ -367,8 +372,10 @@ async def waiting_for_people(
     point is that people label them), unless the budget is spent (then all but synthetic)."""
     excluded = ["synthetic"] if all_but_synthetic else ["audit", "synthetic", "control"]
     rows = await conn.fetch(
-        "SELECT item_id, external_id, text, embedding, zero_shot, priority FROM scorer.items"
-        " WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
+        "SELECT item_id, external_id, text, embedding, zero_shot, priority,"
+        " EXISTS (SELECT 1 FROM scorer.slice_flags f WHERE f.project_id = i.project_id"
+        "  AND i.metadata->>f.field = f.value) AS flagged"
+        " FROM scorer.items i WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
         project_id,
         excluded,
     )
@@ -380,6 +387,7 @@ async def waiting_for_people(
             _vec(r["embedding"]),
             _probs(r["zero_shot"]),
             r["priority"],
+            r["flagged"],
         )
         for r in rows
     ]
@@ -480,3 +488,51 @@ async def labeled_examples(
         limit,
     )
     return [(str(r["item_id"]), r["text"], r["human_label"]) for r in rows]
+
+
+async def replace_slice_flags(
+    conn: asyncpg.Connection,
+    project_id: str,
+    fields: Sequence[str],
+    flagged: Sequence[tuple[str, str, list[str]]],
+    reported_at: datetime,
+) -> None:
+    """A report's flags for the fields it covered: (field, value, reasons). A slice still flagged
+    keeps the time it was first flagged; one no longer flagged is dropped; a report older than the
+    one applied last for a field changes nothing of that field."""
+    for f in fields:
+        newest = await conn.fetchval(
+            "SELECT max(reported_at) FROM scorer.slice_flags WHERE project_id = $1 AND field = $2",
+            project_id,
+            f,
+        )
+        if newest is not None and newest > reported_at:
+            continue
+        values = [v for field_, v, _ in flagged if field_ == f]
+        await conn.execute(
+            "DELETE FROM scorer.slice_flags WHERE project_id = $1 AND field = $2 AND value <> ALL($3::text[])",
+            project_id,
+            f,
+            values,
+        )
+        for field_, value, reasons in flagged:
+            if field_ != f:
+                continue
+            await conn.execute(
+                "INSERT INTO scorer.slice_flags (project_id, field, value, reasons, reported_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (project_id, field, value)"
+                " DO UPDATE SET reasons = EXCLUDED.reasons, reported_at = EXCLUDED.reported_at",
+                project_id,
+                f,
+                value,
+                reasons,
+                reported_at,
+            )
+
+
+async def slice_flags(conn: asyncpg.Connection, project_id: str) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT field, value, reasons, flagged_at FROM scorer.slice_flags WHERE project_id = $1 ORDER BY 1, 2",
+        project_id,
+    )
+    return rows
