@@ -14,7 +14,7 @@ from services.scorer.policy.features import features
 from services.scorer.policy.model import LRPolicyConfig
 from services.scorer.policy.proposals import ACCEPTED, REJECTED, Entry
 from services.scorer.policy.routing import margin
-from services.scorer.service import ProjectModel, unit_draw
+from services.scorer.service import FLAGGED_SLICE_AUDIT, ProjectModel, unit_draw
 
 
 def _unit(m: np.ndarray) -> np.ndarray:
@@ -301,3 +301,27 @@ def test_a_re_proposed_item_gets_a_fresh_audit_draw() -> None:
     again = [e for e in out.proposed if e.item_id in {ids[k] for k in handed_back}]
     assert len(again) >= 30 and all(e.audit_prob == pytest.approx(0.3) for e in again)
     assert 0.1 < np.mean([e.audited for e in again]) < 0.5
+
+
+def test_items_of_a_flagged_slice_are_audited_at_least_at_the_flagged_rate() -> None:
+    centers, X, y = _world(noise=0.2)
+    waiting, ids = X[100:], _ids(100, 300)
+    flagged = np.arange(len(ids)) % 2 == 0  # every other waiting item is in the flagged slice
+
+    def proposals(mark: np.ndarray | None) -> dict[str, float]:
+        model = ProjectModel(_spec(), centers, CONFIG)
+        model.seen = 300
+        model.add_labels(X[:100], y[:100], _ids(0, 100))
+        model.refit()
+        return {e.item_id: e.audit_prob for e in model.rescore(waiting, ids, None, mark).proposed}
+
+    plain, raised = proposals(None), proposals(flagged)
+    assert plain.keys() == raised.keys() and plain
+    in_slice = {ids[row] for row in np.flatnonzero(flagged)}
+    for item_id, pi in raised.items():
+        if item_id in in_slice:
+            assert pi == max(plain[item_id], FLAGGED_SLICE_AUDIT)
+        else:
+            assert pi == plain[item_id]
+    # The flagged rate is above what this pool's floor gives: the raise is real.
+    assert any(plain[i] < FLAGGED_SLICE_AUDIT for i in in_slice & plain.keys())
