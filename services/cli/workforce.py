@@ -30,6 +30,11 @@ class Profile:
     accuracy: float = 0.98
     seconds_per_item: float = 0.25
     spammer: bool = False
+    # Accuracy on items of given slices, (slice value, accuracy): someone who errs on one domain only.
+    slice_accuracy: tuple[tuple[str, float], ...] = ()
+
+    def accuracy_on(self, slice_value: str | None) -> float:
+        return dict(self.slice_accuracy).get(slice_value or "", self.accuracy)
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,18 @@ Done = Callable[[], Awaitable[bool]]
 
 
 class Workforce:
-    def __init__(self, clients: Clients, gold: dict[str, str], config: WorkforceConfig) -> None:
+    def __init__(
+        self,
+        clients: Clients,
+        gold: dict[str, str],
+        config: WorkforceConfig,
+        slices: dict[str, str] | None = None,
+    ) -> None:
+        """gold: external id → the right label. slices: external id → the item's slice value, for
+        profiles whose accuracy differs by slice."""
         self._clients = clients
         self._gold = gold
+        self._slices = slices or {}
         self._config = config
         self.stats = WorkforceStats()
 
@@ -197,7 +211,7 @@ class Workforce:
         if truth is None or truth not in labels:
             self.stats.no_gold += 1
             return task.suggested_label or labels[0]
-        if rng.random() >= person.accuracy:
+        if rng.random() >= person.accuracy_on(self._slices.get(task.external_id)):
             self.stats.wrong_on_purpose += 1
             return rng.choice([lb for lb in labels if lb != truth])
         return truth

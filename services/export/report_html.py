@@ -1,16 +1,44 @@
 """The quality report as JSON and as one self-contained HTML page.
 
-The page has no JavaScript and no external files (it is mailed and archived as one file), and its
-charts are SVG drawn here: no plotting library is a dependency of the project.
+The page has no JavaScript and no external files (it is mailed and archived as one file): its
+charts are drawn with matplotlib into SVG text in memory and inlined. Each chart is its own
+`Figure` rendered by the SVG backend, never through pyplot, whose global current-figure state is
+not safe in the export service's report threads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from services.export.report import QualityReport, Rate, SliceReport
+import matplotlib
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+
+from services.export.report import (
+    LabelErrorCandidate,
+    LabelErrorCounts,
+    QualityReport,
+    Rate,
+    SliceReport,
+)
+
+# Without a salt the SVG backend makes ids from random UUIDs, so the same report would differ byte
+# for byte between runs. Set once at import, never toggled (rc_context would race other threads).
+if matplotlib.rcParams["svg.hashsalt"] is None:
+    matplotlib.rcParams["svg.hashsalt"] = "tandem-quality-report"
+
+OTHER_LABEL = "other"
+TOP_LABELS = 9  # labels drawn on their own in the distribution chart; the rest are "other"
+MAX_CHART_ROWS = 40  # slice values per chart (the largest); the tables keep them all
+CANDIDATES_SHOWN = 100
+_BLUE, _RED, _TARGET, _GREY = "#2e86c1", "#c0392b", "#e67e22", "#bbbbbb"
 
 
 def to_dict(report: QualityReport) -> dict[str, Any]:
@@ -32,10 +60,22 @@ def _rate(r: Rate) -> str:
     return f"{_pct(r.estimate)} [{_pct(r.low)}, {_pct(r.high)}] (n={r.n})"
 
 
+def _utc(unix_ms: int) -> str:
+    return datetime.fromtimestamp(unix_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _flags(s: SliceReport) -> str:
     names = [n for n, on in (("accuracy below target", s.accuracy_below_target),
                              ("distribution drift", s.distribution_drift)) if on]  # fmt: skip
+    if s.audit_raised_since_unix_ms:
+        names.append(f"audit share raised since {_utc(s.audit_raised_since_unix_ms)}")
     return ", ".join(names)
+
+
+def _label_errors(c: LabelErrorCounts) -> str:
+    if not c.candidates:
+        return "–"
+    return f"{c.candidates} (corrected {c.corrected}, kept {c.kept}, other {c.other})"
 
 
 _HEAD = (
@@ -44,11 +84,13 @@ _HEAD = (
     "labels",
     "auto-accepted",
     "human",
+    "audit share",
     "audited accuracy [95% CI]",
     "model–people agreement [95% CI]",
     "people agreement (pairs)",
     "drift TV",
     "drift p",
+    "label-error reviews",
     "flags",
 )
 
@@ -61,11 +103,13 @@ def _row(s: SliceReport, *, reference: bool = False) -> str:
         ", ".join(f"{k}: {v}" for k, v in s.labels.items()),
         _pct(s.auto_share),
         _pct(s.human_share),
+        _pct(s.audit_share),
         _rate(s.audited_accuracy),
         _rate(s.model_agreement),
         f"{_pct(pa.share)} ({pa.pairs})",
         f"{s.drift_distance:.3f}",
         "–" if s.drift_p is None else f"{s.drift_p:.2g}",
+        _label_errors(s.label_errors),
         _flags(s),
     )
     classes = " ".join(c for c, on in (("reference", reference), ("flagged", s.flagged)) if on)
@@ -73,56 +117,162 @@ def _row(s: SliceReport, *, reference: bool = False) -> str:
     return f"<tr{cls}>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>"
 
 
-def _chart(rows: list[SliceReport], target: float) -> str:
-    """Horizontal bars of audited accuracy with the interval as a whisker and the target as a
-    dashed line; a slice without audits shows no bar, only its name and "no audits"."""
-    label_w, plot_w, bar_h, gap = 160, 360, 16, 8
-    height = len(rows) * (bar_h + gap) + 30
-    x0 = label_w
+def _svg(fig: Figure) -> str:
+    """The figure as inline SVG: the XML prolog and DOCTYPE are not allowed inside HTML."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
 
-    def x(v: float) -> float:
-        return x0 + v * plot_w
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 20}" height="{height}"'
-        ' role="img" aria-label="audited accuracy per slice">'
-    ]
-    for i, s in enumerate(rows):
-        y = 10 + i * (bar_h + gap)
-        parts.append(
-            f'<text x="{x0 - 6}" y="{y + bar_h - 4}" text-anchor="end" font-size="12">{escape(s.value)}</text>'
-        )
+def _charted(rows: Sequence[SliceReport]) -> tuple[list[SliceReport], str]:
+    """The slice values a chart shows (the largest when there are many, in the tables' order) and
+    a note saying so."""
+    if len(rows) <= MAX_CHART_ROWS:
+        return list(rows), ""
+    keep = {id(s) for s in sorted(rows, key=lambda s: -s.items)[:MAX_CHART_ROWS]}
+    return [s for s in rows if id(s) in keep], f"the {MAX_CHART_ROWS} largest of {len(rows)} values shown"
+
+
+def _short(text: str, limit: int = 32) -> str:
+    # A long slice value or label would squeeze the plot to nothing; the tables keep it whole.
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _mark(ax: Axes, flagged: Sequence[bool]) -> None:
+    """Flagged slices' names in red, bold: the colour alone would not survive a grey print."""
+    for tick, on in zip(ax.get_yticklabels(), flagged, strict=True):
+        if on:
+            tick.set_color(_RED)
+            tick.set_fontweight("bold")
+
+
+def accuracy_chart(rows: Sequence[SliceReport], target: float) -> str:
+    """Audited accuracy per slice value as a point with its 95% interval as error bars, the target
+    as a dashed line; slices flagged below target in red; a slice without audits says so."""
+    shown, note = _charted(rows)
+    fig = Figure(figsize=(7.0, 0.9 + 0.32 * max(len(shown), 1)))
+    ax = fig.add_subplot()
+    ys = list(range(len(shown)))[::-1]  # the first value on top, as in the table
+    for y, s in zip(ys, shown, strict=True):
         r = s.audited_accuracy
         if r.estimate is None:
-            parts.append(
-                f'<text x="{x0 + 4}" y="{y + bar_h - 4}" font-size="11" fill="#777">no audits</text>'
-            )
+            ax.text(0.01, y, "no audits", va="center", fontsize=8, color="#777777")
             continue
-        color = "#c0392b" if s.accuracy_below_target else "#2e86c1"
-        parts.append(
-            f'<rect x="{x0}" y="{y}" width="{r.estimate * plot_w:.1f}" height="{bar_h}" fill="{color}">'
-            f"<title>{escape(_rate(r))}</title></rect>"
+        color = _RED if s.accuracy_below_target else _BLUE
+        ax.errorbar(
+            [r.estimate],
+            [y],
+            # Rounding can put an end a hair past the estimate at 0% or 100%; matplotlib refuses that.
+            xerr=[[max(0.0, r.estimate - r.low)], [max(0.0, r.high - r.estimate)]],
+            fmt="o",
+            color=color,
+            ecolor=color,
+            capsize=3,
+            markersize=5,
         )
-        mid = y + bar_h / 2
-        parts.append(
-            f'<line x1="{x(r.low):.1f}" y1="{mid}" x2="{x(r.high):.1f}" y2="{mid}" stroke="#000" stroke-width="1.5"/>'
+    ax.axvline(target, color=_TARGET, linestyle="--", linewidth=1.5, label=f"target {target:.0%}")
+    ax.set_xlim(0.0, 1.02)  # room for a marker at 100%
+    ax.set_ylim(-0.7, len(shown) - 0.3)
+    ax.set_yticks(ys, [_short(s.value) for s in shown], fontsize=8)
+    _mark(ax, [s.accuracy_below_target for s in shown])
+    ax.xaxis.set_major_formatter(lambda x, _pos: f"{x:.0%}")
+    ax.set_xlabel("audited accuracy of automatic labels, 95% interval" + (f" ({note})" if note else ""))
+    ax.grid(axis="x", color="#eeeeee")
+    ax.legend(loc="lower left", fontsize=8, frameon=False)
+    return _svg(fig)
+
+
+def label_series(
+    rows: Sequence[SliceReport], whole: Mapping[str, int], top: int = TOP_LABELS
+) -> tuple[list[str], list[list[float]]]:
+    """The labels the distribution chart draws (the whole's `top` most frequent, then "other" for
+    the rest when there are more) and, per row, each one's share of the row's items."""
+    ranked = sorted(whole, key=lambda k: (-whole[k], k))
+    named = ranked if len(ranked) <= top + 1 else ranked[:top]  # "other" never stands for one label
+    labels = named + ([OTHER_LABEL] if len(named) < len(ranked) else [])
+    shares = []
+    for s in rows:
+        n = sum(s.labels.values())
+        parts = [s.labels.get(k, 0) / n if n else 0.0 for k in named]
+        if len(labels) > len(named):
+            parts.append(1.0 - sum(parts) if n else 0.0)
+        shares.append(parts)
+    return labels, shares
+
+
+def distribution_chart(rows: Sequence[SliceReport], overall: SliceReport) -> str:
+    """The final-label distribution of each slice value as a stacked bar, the whole on top."""
+    shown, note = _charted(rows)
+    bars = [overall, *shown]
+    labels, shares = label_series(bars, overall.labels)
+    fig = Figure(figsize=(7.0, 1.2 + 0.32 * len(bars)))
+    ax = fig.add_subplot()
+    ys = list(range(len(bars)))[::-1]
+    names = ["whole project" if s is overall else _short(s.value) for s in bars]
+    # tab10 holds TOP_LABELS colours, and "other" is grey. Asked of the counts, not the name: a
+    # project may have a label called "other".
+    colors = [colormaps["tab10"](i % 10) for i in range(len(labels))]
+    if len(overall.labels) > TOP_LABELS + 1:
+        colors[-1] = to_rgba(_GREY)
+    left = [0.0] * len(bars)
+    for i, (label, color) in enumerate(zip(labels, colors, strict=True)):
+        width = [row[i] for row in shares]
+        ax.barh(
+            ys,
+            width,
+            left=left,
+            color=color,
+            label=_short(label),
+            height=0.7,
+            edgecolor="white",
+            linewidth=0.5,
         )
-        for end in (r.low, r.high):
-            parts.append(
-                f'<line x1="{x(end):.1f}" y1="{y + 3}" x2="{x(end):.1f}" y2="{y + bar_h - 3}" stroke="#000"/>'
-            )
-    axis_y = height - 18
-    parts.append(f'<line x1="{x0}" y1="{axis_y}" x2="{x(1.0)}" y2="{axis_y}" stroke="#999"/>')
-    for tick in (0.0, 0.5, 1.0):
-        parts.append(
-            f'<text x="{x(tick):.1f}" y="{axis_y + 13}" text-anchor="middle" font-size="10">{tick:.0%}</text>'
-        )
-    parts.append(
-        f'<line x1="{x(target):.1f}" y1="4" x2="{x(target):.1f}" y2="{axis_y}" stroke="#e67e22"'
-        ' stroke-dasharray="4 3" stroke-width="2"><title>target</title></line>'
+        left = [a + b for a, b in zip(left, width, strict=True)]
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(-0.5, len(bars) - 0.5)
+    ax.set_yticks(ys, names, fontsize=8)
+    _mark(ax, [s.distribution_drift for s in bars])
+    ax.xaxis.set_major_formatter(lambda x, _pos: f"{x:.0%}")
+    ax.set_xlabel("share of items by final label" + (f" ({note})" if note else ""))
+    if labels:  # an empty legend is a warning, and the tests turn warnings into errors
+        ax.legend(loc="upper left", bbox_to_anchor=(1.04, 1.0), fontsize=8, frameon=False)
+    return _svg(fig)
+
+
+_CANDIDATE_HEAD = ("id", "item", "text", "given", "model (confidence)", "second look", "final", "outcome")
+
+
+def _candidate(c: LabelErrorCandidate) -> str:
+    cells = (
+        c.id,
+        c.item_id,
+        c.text,
+        c.given_label,
+        f"{c.model_label} ({c.model_confidence:.2f})",
+        c.second_label,
+        c.final_label,
+        c.outcome,
     )
-    parts.append("</svg>")
-    return "".join(parts)
+    return f'<tr class="{escape(c.outcome)}">' + "".join(f"<td>{escape(x)}</td>" for x in cells) + "</tr>"
+
+
+def _label_error_section(report: QualityReport) -> list[str]:
+    c = report.label_errors
+    listed = report.label_error_candidates[:CANDIDATES_SHOWN]
+    out = [
+        "<h2>Label-error review</h2>",
+        '<p class="note">Items whose human label the model contradicted with confidence went to a '
+        "second person. <b>corrected</b>: the final label is the model's, not the one first given; "
+        "<b>kept</b>: the final label is the one first given; <b>other</b>: neither.</p>",
+        f"<p>Reviewed {c.candidates:,}: corrected {c.corrected:,}, kept {c.kept:,}, other {c.other:,}.</p>",
+    ]
+    if listed:
+        if c.candidates > len(listed):
+            out.append(f'<p class="note">The first {len(listed)} of {c.candidates:,} are listed.</p>')
+        head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in _CANDIDATE_HEAD) + "</tr>"
+        out.append(f"<table>{head}{''.join(_candidate(x) for x in listed)}</table>")
+    return out
 
 
 _STYLE = (
@@ -130,7 +280,8 @@ _STYLE = (
     "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
     "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
     "th{background:#f3f3f3}tr.flagged td{background:#fdecea}tr.reference td{font-weight:600}"
-    ".note{color:#555;font-size:13px;max-width:60em}"
+    "tr.corrected td{background:#eaf5ea}"
+    ".note{color:#555;font-size:13px;max-width:60em}svg{max-width:100%;height:auto}"
 )
 
 
@@ -147,7 +298,8 @@ def to_html(report: QualityReport) -> str:
         "A slice is flagged <b>accuracy below target</b> when its audited-accuracy interval lies wholly "
         "below the target (without audits: its model–people agreement interval), and "
         "<b>distribution drift</b> when its label distribution is more than 0.1 (total variation) from "
-        "the whole's and a chi-square test against the other rows gives p &lt; 0.01.</p>",
+        "the whole's and a chi-square test against the other rows gives p &lt; 0.01. The audit share is "
+        "the items audited among those and the items accepted automatically.</p>",
         "<h2>Whole project</h2>",
         f"<table>{head}{reference}</table>",
     ]
@@ -156,6 +308,9 @@ def to_html(report: QualityReport) -> str:
         body.append(f"<h2>Slice: {escape(name)}</h2>")
         body.append(f"<table>{head}{''.join(_row(s) for s in rows)}</table>")
         body.append(f"<h3>Audited accuracy by {escape(name)}</h3>")
-        body.append(_chart(rows, report.target_accuracy))
+        body.append(accuracy_chart(rows, report.target_accuracy))
+        body.append(f"<h3>Label distribution by {escape(name)}</h3>")
+        body.append(distribution_chart(rows, report.overall))
+    body += _label_error_section(report)
     body.append("</body></html>")
     return "\n".join(body) + "\n"

@@ -13,6 +13,10 @@ import numpy as np
 from services.common.bus.outbox import Outgoing, enqueue
 
 SCHEMA = "scorer"
+# The flag whose slices are audited more. A label distribution that drifts from the whole may be
+# the nature of the slice (a domain has its own intents), not an error: more audits measure
+# accuracy, so they follow the accuracy flag.
+AUDITED_MORE = "accuracy_below_target"
 
 
 @dataclass(frozen=True)
@@ -374,7 +378,7 @@ async def waiting_for_people(
     rows = await conn.fetch(
         "SELECT item_id, external_id, text, embedding, zero_shot, priority,"
         " EXISTS (SELECT 1 FROM scorer.slice_flags f WHERE f.project_id = i.project_id"
-        "  AND i.metadata->>f.field = f.value) AS flagged"
+        f"  AND i.metadata->>f.field = f.value AND '{AUDITED_MORE}' = ANY(f.reasons)) AS flagged"
         " FROM scorer.items i WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
         project_id,
         excluded,
@@ -532,7 +536,9 @@ async def replace_slice_flags(
 
 async def slice_flags(conn: asyncpg.Connection, project_id: str) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
-        "SELECT field, value, reasons, flagged_at FROM scorer.slice_flags WHERE project_id = $1 ORDER BY 1, 2",
+        "SELECT field, value, reasons, flagged_at FROM scorer.slice_flags WHERE project_id = $1"
+        " AND $2 = ANY(reasons) ORDER BY 1, 2",
         project_id,
+        AUDITED_MORE,
     )
     return rows
