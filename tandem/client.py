@@ -8,6 +8,7 @@ deadlocks that the sync channels simply do not have.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
@@ -31,7 +33,7 @@ from services.gen.tandem.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.gen.tandem.projects.v1 import projects_pb2
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from tandem.errors import AlreadyExists, InvalidArgument, TandemError, from_rpc_error
-from tandem.models import IngestSummary, Project, Rejection, Status
+from tandem.models import ExportInfo, IngestSummary, Project, Rejection, Status
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,6 +54,13 @@ def _channel(target: str) -> grpc.Channel:
         credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes())
         return grpc.secure_channel(target, credentials, options=opts)
     return grpc.insecure_channel(target, options=opts)
+
+
+def _unix_ms(at: datetime | None) -> int:
+    """A filter's time as unix ms (0 = unset); a naive datetime is UTC."""
+    if at is None:
+        return 0
+    return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
 def _is_missing(value: object) -> bool:
@@ -323,37 +332,99 @@ class Client:
 
     # -- export ---------------------------------------------------------------------------------
 
-    def export(self, project_id: str) -> list[dict[str, Any]]:
+    def export(
+        self,
+        project_id: str,
+        *,
+        sources: Sequence[str] = (),
+        min_confidence: float = 0.0,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        where: Mapping[str, str] | None = None,
+        certified_only: bool = False,
+        on_progress: Callable[[ExportInfo], None] | None = None,
+    ) -> list[dict[str, Any]]:
         """A snapshot of the project's final labels, one dict per item: id, item_id, text, label,
         source ("auto", "human", or "model" when the human budget ran out), confidence, metadata and
-        the people's raw_labels. Items still without a final label are not in it (see `wait`)."""
+        the people's raw_labels. Items still without a final label are not in it (see `wait`).
+
+        Only the labels every filter given keeps: from `sources`, at least `min_confidence`,
+        finalized in [since, until) (naive datetimes are UTC), items whose metadata has every
+        `where` field = value, and with `certified_only` none below the project's target. The
+        snapshot is a job: `on_progress` is called with its state while it builds. The rows are
+        checked against the snapshot's checksum."""
         info = self._call(
-            self._export.CreateExport, export_pb2.CreateExportRequest(project_id=project_id), timeout=600.0
+            self._export.CreateExport,
+            export_pb2.CreateExportRequest(
+                project_id=project_id,
+                filter=export_pb2.ExportFilter(
+                    sources=list(sources),
+                    min_confidence=min_confidence,
+                    finalized_after_unix_ms=_unix_ms(since),
+                    finalized_before_unix_ms=_unix_ms(until),
+                    metadata=dict(where or {}),
+                    certified_only=certified_only,
+                ),
+            ),
+            timeout=600.0,
         )
+        info = self._wait_export(info, on_progress)
         rows: list[dict[str, Any]] = []
+        digest = hashlib.sha256()
         with self._errors():
             for chunk in self._export.StreamExport(
                 export_pb2.StreamExportRequest(export_id=info.export_id),
                 timeout=3600.0,
                 metadata=self._metadata,
             ):
+                digest.update(chunk.jsonl)
                 rows.extend(json.loads(line) for line in chunk.jsonl.decode("utf-8").splitlines() if line)
         if len(rows) != info.rows:
             # A short stream must never pass for a complete dataset.
             raise TandemError(f"export {info.export_id}: expected {info.rows} rows, received {len(rows)}")
+        if info.checksum and digest.hexdigest() != info.checksum:
+            raise TandemError(f"export {info.export_id}: the data received is not the snapshot's (SHA-256)")
         return rows
 
-    def export_dataframe(self, project_id: str) -> pd.DataFrame:
+    def exports(self, project_id: str, limit: int = 50) -> list[ExportInfo]:
+        """The project's export snapshots, newest version first."""
+        listed = self._call(
+            self._export.ListExports,
+            export_pb2.ListExportsRequest(project_id=project_id, limit=limit),
+            timeout=30.0,
+        )
+        return [ExportInfo.from_proto(e) for e in listed.exports]
+
+    def _wait_export(
+        self, info: export_pb2.ExportInfo, on_progress: Callable[[ExportInfo], None] | None, poll: float = 0.2
+    ) -> export_pb2.ExportInfo:
+        """The export once its job has ended (StreamExport would wait too; this one reports)."""
+        while info.state == export_pb2.EXPORT_STATE_BUILDING:
+            if on_progress is not None:
+                on_progress(ExportInfo.from_proto(info))
+            time.sleep(poll)
+            info = self._call(
+                self._export.GetExport, export_pb2.GetExportRequest(export_id=info.export_id), timeout=30.0
+            )
+        if on_progress is not None:
+            on_progress(ExportInfo.from_proto(info))
+        if info.state == export_pb2.EXPORT_STATE_FAILED:
+            raise TandemError(f"export {info.export_id} failed: {info.error}")
+        return info
+
+    def export_dataframe(self, project_id: str, **filters: Any) -> pd.DataFrame:
+        """`export` as a DataFrame; the same keyword filters."""
         import pandas as pd
 
-        return pd.DataFrame(self.export(project_id))
+        return pd.DataFrame(self.export(project_id, **filters))
 
-    def export_dataset(self, project_id: str) -> Any:
-        """The export as a Hugging Face `datasets.Dataset` (the package is optional)."""
+    def export_dataset(self, project_id: str, **filters: Any) -> Any:
+        """The export as a Hugging Face `datasets.Dataset` (the package is optional); the same
+        keyword filters as `export`."""
         try:
             datasets = importlib.import_module("datasets")
         except ImportError as exc:
             raise ImportError(
                 "export_dataset needs the Hugging Face `datasets` package: pip install datasets"
             ) from exc
-        return datasets.Dataset.from_list(self.export(project_id))
+        return datasets.Dataset.from_list(self.export(project_id, **filters))

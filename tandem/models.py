@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.gen.tandem.export.v1 import export_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
 from services.gen.tandem.stats.v1 import stats_pb2
 
@@ -86,4 +87,50 @@ class Status:
             certified=sc.certified,
             estimated_accuracy=sc.estimated_accuracy,
             human_share=sc.human_share,
+        )
+
+
+EXPORT_STATES = {1: "building", 2: "ready", 3: "failed"}  # export_pb2.ExportState values
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """An export snapshot: a job that is "building" (rows_done of rows_total), then "ready" (with
+    the SHA-256 of its canonical JSONL) or "failed" (see error)."""
+
+    export_id: str
+    project_id: str
+    version: int
+    state: str
+    rows: int
+    rows_done: int
+    rows_total: int
+    pending: int
+    checksum: str
+    error: str
+    created_unix_ms: int
+    ready_unix_ms: int
+    expires_unix_ms: int  # 0 = never
+    rows_by_source: dict[str, int] = field(default_factory=dict)
+    rows_by_split: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, e: export_pb2.ExportInfo) -> ExportInfo:
+        return cls(
+            export_id=e.export_id,
+            project_id=e.project_id,
+            version=e.version,
+            # An older service answers no state: its snapshots were complete when created.
+            state=EXPORT_STATES.get(e.state, "ready"),
+            rows=e.rows,
+            rows_done=e.rows_done,
+            rows_total=e.rows_total,
+            pending=e.pending,
+            checksum=e.checksum,
+            error=e.error,
+            created_unix_ms=e.created_unix_ms,
+            ready_unix_ms=e.ready_unix_ms,
+            expires_unix_ms=e.expires_unix_ms,
+            rows_by_source=dict(e.rows_by_source),
+            rows_by_split=dict(e.rows_by_split),
         )

@@ -226,16 +226,50 @@ EXPORT_SUFFIXES = {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet", "lab
 CARD_FILE = "README.md"  # the name the service gives the Parquet dataset card
 
 
+EXPORT_STATES = {
+    export_pb2.EXPORT_STATE_BUILDING: "building",
+    export_pb2.EXPORT_STATE_READY: "ready",
+    export_pb2.EXPORT_STATE_FAILED: "failed",
+}
+EXPORT_POLL_SECONDS = 0.2
+
+
 async def export(
     clients: Clients,
     project_id: str,
     out: Path | None,
     fmt: str = "jsonl",
     split: export_pb2.Split | None = None,
+    keep: export_pb2.ExportFilter | None = None,
 ) -> tuple[export_pb2.ExportInfo, Path]:
     """Export to `out` (or a dated file under exports/); returns the first data file written."""
-    info, paths = await export_files(clients, project_id, out, fmt, split)
+    info, paths = await export_files(clients, project_id, out, fmt, split, keep)
     return info, paths[0]
+
+
+async def wait_for_export(
+    clients: Clients, info: export_pb2.ExportInfo, *, show: bool = True
+) -> export_pb2.ExportInfo:
+    """The export once its job has ended, with a progress bar of the rows copied meanwhile."""
+    with Progress(
+        TextColumn("[bold]export v{task.fields[version]}[/] building"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not show,
+    ) as bar:
+        task = bar.add_task("export", total=info.rows_total or None, version=info.version)
+        while info.state == export_pb2.EXPORT_STATE_BUILDING:
+            await asyncio.sleep(EXPORT_POLL_SECONDS)
+            info = await clients.export.GetExport(
+                export_pb2.GetExportRequest(export_id=info.export_id), timeout=30
+            )
+            bar.update(task, completed=info.rows_done, total=info.rows_total or None)
+    if info.state == export_pb2.EXPORT_STATE_FAILED:
+        raise RuntimeError(f"export {info.export_id} (version {info.version}) failed: {info.error}")
+    return info
 
 
 async def export_files(
@@ -244,14 +278,20 @@ async def export_files(
     out: Path | None,
     fmt: str = "jsonl",
     split: export_pb2.Split | None = None,
+    keep: export_pb2.ExportFilter | None = None,
 ) -> tuple[export_pb2.ExportInfo, list[Path]]:
-    """Create an export and stream it to files: `out` itself, except for Parquet with a split
-    (`<stem>-<split>.parquet` beside it); Parquet's dataset card goes to `<out>.README.md`.
-    Also writes the scorer's certificate beside the first file."""
+    """Create an export (only the rows `keep` keeps) and stream it to files: `out` itself, except
+    for Parquet with a split (`<stem>-<split>.parquet` beside it); Parquet's dataset card goes to
+    `<out>.README.md`. Also writes the scorer's certificate beside the first file. A JSONL file is
+    checked against the snapshot's checksum."""
     info = await clients.export.CreateExport(
-        export_pb2.CreateExportRequest(project_id=project_id, format=EXPORT_FORMATS[fmt], split=split),
+        export_pb2.CreateExportRequest(
+            project_id=project_id, format=EXPORT_FORMATS[fmt], split=split, filter=keep
+        ),
         timeout=600,
     )
+    if info.state == export_pb2.EXPORT_STATE_BUILDING:
+        info = await wait_for_export(clients, info)
     suffix = EXPORT_SUFFIXES[fmt]
     path = out or Path("exports") / f"{project_id}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,12 +329,50 @@ async def export_files(
             fh.close()
     if written != info.rows:
         raise RuntimeError(f"export {info.export_id}: expected {info.rows} rows, received {written}")
+    # JSONL is the canonical content the checksum is of: equal checksums, equal data.
+    if fmt == "jsonl" and info.checksum:
+        got = digests.get("", hashlib.sha256()).hexdigest()
+        if got != info.checksum:
+            raise RuntimeError(
+                f"export {info.export_id}: the file's SHA-256 {got} is not the snapshot's {info.checksum}"
+            )
     if not paths:  # an empty JSONL export still leaves its (empty) file
         path.touch()
         paths.append(path)
     data_paths = [p for p in paths if not p.name.endswith(CARD_FILE)] or paths
     await write_certificate(clients, project_id, certificate_path(data_paths[0]))
     return info, data_paths + [p for p in paths if p not in data_paths]
+
+
+async def list_exports(clients: Clients, project_id: str, limit: int = 50) -> None:
+    listed = await clients.export.ListExports(
+        export_pb2.ListExportsRequest(project_id=project_id, limit=limit), timeout=30
+    )
+    table = Table(title=f"exports of {project_id}", header_style="bold")
+    for col in ("version", "id", "format", "state", "rows", "created", "expires", "checksum"):
+        table.add_column(col, justify="right" if col in ("version", "rows") else "left")
+    names = {enum: name for name, enum in EXPORT_FORMATS.items()}
+    for e in listed.exports:
+        state = EXPORT_STATES.get(e.state, "?")
+        if e.state == export_pb2.EXPORT_STATE_BUILDING:
+            state += f" {e.rows_done:,}/{e.rows_total:,}"
+        elif e.state == export_pb2.EXPORT_STATE_FAILED:
+            state += f": {e.error}"
+        table.add_row(
+            str(e.version),
+            e.export_id,
+            names.get(e.format, "jsonl"),
+            state,
+            f"{e.rows:,}",
+            _when(e.created_unix_ms),
+            _when(e.expires_unix_ms) if e.expires_unix_ms else "never",
+            e.checksum[:12],
+        )
+    console.print(table)
+
+
+def _when(unix_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(unix_ms / 1000)) if unix_ms else ""
 
 
 def _export_target(path: Path, chunk_file: str, fmt: str) -> Path:

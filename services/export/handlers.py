@@ -7,25 +7,28 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import asyncpg
 import grpc
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.auth import IdentityView, require_project
 from services.common.bus.worker import Delivery
 from services.common.errors import PermanentError
 from services.common.grpc_context import Context
-from services.export import formats, repo
-from services.export.service import RawLabel, expiry_cutoff, person_of
+from services.common.projects import ProjectDirectory
+from services.export import formats, repo, service
+from services.export.service import ExportFilter, RawLabel, expiry_cutoff, filter_errors, person_of
 from services.export.settings import ExportSettings
 from services.export.split import SplitSpec, assign
 from services.gen.tandem.export.v1 import export_pb2, export_pb2_grpc
 from services.gen.tandem.items.v1 import items_pb2
 from services.gen.tandem.labels.v1 import labels_pb2
+from services.gen.tandem.predictions.v1 import predictions_pb2
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,12 @@ EXPIRED = Counter(
     "tandem_export_snapshots_expired_total", "Export snapshots deleted for being past retention."
 )
 ROWS = Counter("tandem_export_rows_total", "Rows written to exports.")
-SECONDS = Histogram("tandem_export_seconds", "Time to create an export snapshot.")
+SECONDS = Histogram(
+    "tandem_export_seconds",
+    "Time an export job takes, from its creation to ready (rows, split and checksum).",
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+BUILDING = Gauge("tandem_export_jobs_building", "Export jobs building in this process.")
 FINALIZED = Counter("tandem_export_final_labels_total", "Final labels received, by source.", ["source"])
 RAW = Counter(
     "tandem_export_raw_labels_total",
@@ -47,8 +55,9 @@ class Materializer:
     """Keeps copies of items, people's own labels and the strongest final label of each, from
     the bus."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, projects: ProjectDirectory) -> None:
         self._pool = pool
+        self._projects = projects
 
     async def on_items(self, delivery: Delivery) -> None:
         batch = delivery.message
@@ -68,6 +77,38 @@ class Materializer:
             raise PermanentError(str(exc)) from exc
         for lb in batch.labels:
             FINALIZED.labels(labels_pb2.LabelSource.Name(lb.source)).inc()
+
+    async def on_predictions(self, delivery: Delivery) -> None:
+        """The labeler's model id, prompt hash and distribution over the project's labels (by
+        name: the export must not depend on the label order)."""
+        batch = delivery.message
+        assert isinstance(batch, predictions_pb2.PredictionBatch)
+        if not batch.predictions:
+            return
+        project = await self._projects.get(batch.project_id)
+        names = [lb.name for lb in project.labels]
+        rows: list[tuple[str, dict[str, object]]] = []
+        for p in batch.predictions:
+            if len(p.probs) != len(names):
+                raise PermanentError(
+                    f"prediction for {p.item_id} does not match the project's {len(names)} labels"
+                )
+            labeler: dict[str, object] = {
+                "model_id": batch.model_id,
+                "prompt_hash": batch.prompt_hash,
+                "distribution": {n: round(float(x), 6) for n, x in zip(names, p.probs, strict=True)},
+            }
+            rows.append((p.item_id, labeler))
+        at = (
+            datetime.fromtimestamp(batch.predicted_unix_ms / 1000, tz=UTC)
+            if batch.predicted_unix_ms
+            else datetime.now(UTC)
+        )
+        try:
+            async with self._pool.acquire() as conn:
+                await repo.upsert_predictions(conn, batch.project_id, rows, at)
+        except ValueError as exc:  # an item id that is not a UUID
+            raise PermanentError(str(exc)) from exc
 
     async def on_human_labels(self, delivery: Delivery) -> None:
         batch = delivery.message
@@ -122,6 +163,41 @@ FORMAT_ENUMS = {
 MAX_CHUNK_BYTES = 1 << 20
 
 
+STATE_ENUMS = {
+    service.BUILDING: export_pb2.EXPORT_STATE_BUILDING,
+    service.READY: export_pb2.EXPORT_STATE_READY,
+    service.FAILED: export_pb2.EXPORT_STATE_FAILED,
+}
+MAX_LIST = 500
+DEFAULT_LIST = 50
+
+
+def _ms(at: datetime | None) -> int:
+    return int(at.timestamp() * 1000) if at is not None else 0
+
+
+def _filter_pb(f: ExportFilter) -> export_pb2.ExportFilter:
+    return export_pb2.ExportFilter(
+        sources=f.sources,
+        min_confidence=f.min_confidence,
+        finalized_after_unix_ms=f.finalized_after_ms,
+        finalized_before_unix_ms=f.finalized_before_ms,
+        metadata=dict(f.metadata),
+        certified_only=f.certified_only,
+    )
+
+
+def _filter_of(pb: export_pb2.ExportFilter) -> ExportFilter:
+    return ExportFilter(
+        sources=tuple(s.strip().lower() for s in pb.sources),
+        min_confidence=pb.min_confidence,
+        finalized_after_ms=pb.finalized_after_unix_ms,
+        finalized_before_ms=pb.finalized_before_unix_ms,
+        metadata=dict(pb.metadata),
+        certified_only=pb.certified_only,
+    )
+
+
 def _info(row: asyncpg.Record) -> export_pb2.ExportInfo:
     return export_pb2.ExportInfo(
         export_id=str(row["export_id"]),
@@ -129,9 +205,18 @@ def _info(row: asyncpg.Record) -> export_pb2.ExportInfo:
         rows=row["rows"],
         pending=row["pending"],
         rows_by_source=json.loads(row["rows_by_source"]),
-        created_unix_ms=int(row["created_at"].timestamp() * 1000),
+        created_unix_ms=_ms(row["created_at"]),
         format=FORMAT_ENUMS[row["format"]],
         rows_by_split=json.loads(row["rows_by_split"]),
+        state=STATE_ENUMS[row["state"]],
+        rows_total=row["rows_total"],
+        rows_done=row["rows_done"],
+        version=row["version"],
+        checksum=row["checksum"],
+        error=row["error"],
+        expires_unix_ms=_ms(row["expires_at"]),
+        filter=_filter_pb(ExportFilter.from_json(json.loads(row["filter"]))),
+        ready_unix_ms=_ms(row["ready_at"]),
     )
 
 
@@ -174,11 +259,28 @@ def _chunks(pieces: list[formats.Piece], rows: int) -> Iterator[export_pb2.Expor
             rows = 0
 
 
+class ExportFailed(Exception):
+    """A snapshot job failed; the message is its stored error."""
+
+
 class ExportServicer(export_pb2_grpc.ExportServiceServicer):
+    """Exports as jobs: CreateExport commits the export (state building) and returns; a task of
+    this process copies the rows page by page, then writes the split and the checksum.
+
+    A job holds one pooled connection from start to end, in one REPEATABLE READ transaction: the
+    count CreateExport answers and every page read the same labels, so rows_total is exactly what
+    the job copies (labels finalized meanwhile go to the next export). The copied rows commit with
+    the transaction; progress (rows_done) is written on other connections, so it shows at once.
+    The job also holds a session advisory lock on its export: the sweeper marks failed an export
+    'building' whose lock is free, one whose process stopped (see repo.fail_abandoned_jobs).
+    """
+
     def __init__(self, pool: asyncpg.Pool, settings: ExportSettings, view: IdentityView) -> None:
         self._pool = pool
         self._settings = settings
         self._view = view
+        # References to the running jobs: the event loop keeps only weak ones.
+        self._jobs: set[asyncio.Task[None]] = set()
 
     async def CreateExport(
         self, request: export_pb2.CreateExportRequest, context: Context
@@ -193,15 +295,13 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
             spec = _split_spec(request)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        with SECONDS.time():
-            async with self._pool.acquire() as conn, conn.transaction():
-                row = await repo.create_snapshot(conn, request.project_id, fmt)
-                if spec is not None:
-                    items = await repo.split_inputs(conn, row["export_id"])
-                    # CPU-bound over every row: off the event loop, so other calls are served.
-                    splits = await asyncio.to_thread(assign, items, spec)
-                    row = await repo.set_splits(conn, row["export_id"], splits)
-        ROWS.inc(row["rows"])
+        keep = _filter_of(request.filter)
+        errors = filter_errors(keep)
+        if errors:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "invalid export filter: " + "; ".join(errors)
+            )
+        row = await self.start(request.project_id, fmt, spec, keep)
         return _info(row)
 
     async def GetExport(
@@ -210,10 +310,33 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
         row = await self._find(request.export_id, context)
         return _info(row)
 
+    async def ListExports(
+        self, request: export_pb2.ListExportsRequest, context: Context
+    ) -> export_pb2.ListExportsResponse:
+        if not request.project_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "project_id is required")
+        if request.limit < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must not be negative")
+        limit = min(request.limit or DEFAULT_LIST, MAX_LIST)
+        async with self._pool.acquire() as conn:
+            rows = await repo.list_exports(conn, request.project_id, limit)
+        return export_pb2.ListExportsResponse(exports=[_info(r) for r in rows])
+
     async def StreamExport(
         self, request: export_pb2.StreamExportRequest, context: Context
     ) -> AsyncIterator[export_pb2.ExportChunk]:
         row = await self._find(request.export_id, context)
+        try:
+            # A cancelled call cancels this wait; a deadline is kept by the wait itself.
+            row = await asyncio.wait_for(self.wait_ready(row), timeout=context.time_remaining())
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"export {request.export_id} still building"
+            )
+        except ExportFailed as exc:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"export {request.export_id} failed: {exc}"
+            )
         chunks = (
             self._stream_jsonl(request.export_id)
             if row["format"] == formats.JSONL
@@ -225,6 +348,164 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
             yield chunk
         for file, digest in digests.items():
             yield export_pb2.ExportChunk(file=file, sha256=digest.hexdigest())
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    async def start(
+        self, project_id: str, fmt: str, spec: SplitSpec | None, keep: ExportFilter
+    ) -> asyncpg.Record:
+        """Commit a new export (state building, rows_total counted) and start its job."""
+        export_id = uuid.uuid4()
+        conn: asyncpg.Connection = await self._pool.acquire()
+        tx: asyncpg.transaction.Transaction | None = None
+        created = False
+        try:
+            # Locked before the row exists: the sweeper never sees this export without its lock.
+            await repo.lock_job(conn, export_id)
+            async with self._pool.acquire() as other:
+                await repo.create_export(
+                    other, export_id, project_id, fmt, keep, self._settings.retention_hours
+                )
+                created = True
+                # Its first statement fixes the transaction's snapshot, after the row committed.
+                tx = conn.transaction(isolation="repeatable_read")
+                await tx.start()
+                total, pending = await repo.count_rows(conn, project_id, keep)
+                await repo.set_counts(other, export_id, total, pending)
+                row = await repo.get_export(other, str(export_id))
+            assert row is not None
+        except BaseException as exc:
+            await self._end(conn, tx, export_id, f"could not start: {exc}" if created else None)
+            raise
+        BUILDING.inc()
+        task = asyncio.create_task(self._build(conn, tx, row, spec, keep), name=f"export-{export_id}")
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return row
+
+    async def snapshot(self, project_id: str) -> str:
+        """A fresh JSONL snapshot of every final label of the project, once ready: its id."""
+        row = await self.wait_ready(await self.start(project_id, formats.JSONL, None, ExportFilter()))
+        return str(row["export_id"])
+
+    async def wait_ready(self, row: asyncpg.Record) -> asyncpg.Record:
+        """The export's row once its job has ended; ExportFailed when it failed."""
+        while row["state"] == service.BUILDING:
+            await asyncio.sleep(self._settings.wait_poll_seconds)
+            async with self._pool.acquire() as conn:
+                fresh = await repo.get_export(conn, str(row["export_id"]))
+            if fresh is None:
+                raise ExportFailed("deleted while building")
+            row = fresh
+        if row["state"] == service.FAILED:
+            raise ExportFailed(row["error"])
+        return row
+
+    async def run_jobs(self, stop: asyncio.Event) -> None:
+        """Background task: on stop, the running jobs are cancelled (each marks its export
+        failed, interrupted; a job's rows are rolled back with its transaction)."""
+        await stop.wait()
+        jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def _build(
+        self,
+        conn: asyncpg.Connection,
+        tx: asyncpg.transaction.Transaction,
+        row: asyncpg.Record,
+        spec: SplitSpec | None,
+        keep: ExportFilter,
+    ) -> None:
+        export_id: uuid.UUID = row["export_id"]
+        started = time.monotonic()
+        error: str | None = service.INTERRUPTED
+        try:
+            by_source: dict[str, int] = {}
+            after: uuid.UUID | None = None
+            done = 0
+            while True:
+                after, counts = await repo.copy_page(
+                    conn, export_id, row["project_id"], keep, after, self._settings.page_rows
+                )
+                copied = sum(counts.values())
+                for source, n in counts.items():
+                    by_source[source] = by_source.get(source, 0) + n
+                if copied:
+                    done += copied
+                    async with self._pool.acquire() as other:
+                        await repo.set_rows_done(other, export_id, done)
+                if after is None or copied < self._settings.page_rows:
+                    break
+            by_split: dict[str, int] = {}
+            if spec is not None:
+                items = await repo.split_inputs(conn, export_id)
+                # CPU-bound over every row: off the event loop, so other calls are served.
+                splits = await asyncio.to_thread(assign, items, spec)
+                await repo.write_splits(conn, export_id, splits)
+                for split in splits.values():
+                    by_split[split] = by_split.get(split, 0) + 1
+            # After the split: the split is part of each line, so of the content.
+            checksum = await self._checksum(conn, export_id)
+            await tx.commit()
+            await repo.finish_export(conn, export_id, by_source, by_split, checksum)
+            error = None
+            SECONDS.observe(time.monotonic() - started)
+            ROWS.inc(done)
+            log.info("export %s v%d ready: %d rows, sha256 %s", export_id, row["version"], done, checksum)
+        except asyncio.CancelledError:
+            log.warning("export %s interrupted while building", export_id)
+            raise
+        except Exception as exc:
+            log.exception("export %s failed", export_id)
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            BUILDING.dec()
+            await self._end(conn, tx, export_id, error)
+
+    async def _checksum(self, conn: asyncpg.Connection, export_id: uuid.UUID) -> str:
+        """Hex SHA-256 of the snapshot's JSONL, the bytes _stream_jsonl sends: one more read of
+        the rows, hashed in batches off the event loop."""
+        digest = hashlib.sha256()
+        batch = self._settings.chunk_lines
+        lines: list[str] = []
+        async for line in repo.stream_lines(conn, str(export_id), batch):
+            lines.append(line)
+            if len(lines) >= batch:
+                await asyncio.to_thread(digest.update, ("\n".join(lines) + "\n").encode())
+                lines = []
+        if lines:
+            await asyncio.to_thread(digest.update, ("\n".join(lines) + "\n").encode())
+        return digest.hexdigest()
+
+    async def _end(
+        self,
+        conn: asyncpg.Connection,
+        tx: asyncpg.transaction.Transaction | None,
+        export_id: uuid.UUID,
+        error: str | None,
+    ) -> None:
+        """A job's end whatever happened: roll back what is not committed, mark the export failed
+        when `error` is set, unlock, and give the connection back. Bounded, since it also runs
+        while the service stops."""
+        try:
+            if tx is not None and error is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(tx.rollback(), timeout=5)
+            if error is not None:
+                try:
+                    async with self._pool.acquire(timeout=5) as other:
+                        await repo.fail_export(other, export_id, error)
+                except Exception:
+                    # The sweeper marks it failed once this connection's lock is gone.
+                    log.warning("could not mark export %s failed", export_id, exc_info=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(repo.unlock_job(conn, export_id), timeout=5)
+        finally:
+            await self._pool.release(conn, timeout=5)
+
+    # -- streaming -------------------------------------------------------------------------------
 
     async def _stream_jsonl(self, export_id: str) -> AsyncIterator[export_pb2.ExportChunk]:
         lines: list[str] = []
@@ -277,7 +558,8 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
 
 
 class RetentionSweeper:
-    """Deletes snapshots past the retention: each is a full copy of its project's rows."""
+    """Deletes snapshots past the retention (each is a full copy of its project's rows), and marks
+    failed the exports left building by a process that stopped (the first sweep runs at start)."""
 
     def __init__(self, pool: asyncpg.Pool, settings: ExportSettings) -> None:
         self._pool = pool
@@ -285,13 +567,14 @@ class RetentionSweeper:
 
     async def sweep(self) -> int:
         cutoff = expiry_cutoff(datetime.now(UTC), self._settings.retention_hours)
-        if cutoff is None:
-            return 0
         async with self._pool.acquire() as conn:
+            abandoned = await repo.fail_abandoned_jobs(conn, service.INTERRUPTED)
             deleted = await repo.delete_exports_before(conn, cutoff)
+        if abandoned:
+            log.warning("marked %d export jobs failed: their process stopped while building", abandoned)
         if deleted:
             EXPIRED.inc(deleted)
-            log.info("deleted %d export snapshots created before %s", deleted, cutoff.isoformat())
+            log.info("deleted %d expired export snapshots", deleted)
         return deleted
 
     async def loop(self, stop: asyncio.Event) -> None:

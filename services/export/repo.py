@@ -6,10 +6,11 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
-from services.export.service import SOURCE_RANK, RawLabel, source_name
+from services.export.service import SOURCE_RANK, ExportFilter, RawLabel, source_name
 from services.gen.tandem.items.v1 import items_pb2
 from services.gen.tandem.labels.v1 import labels_pb2
 
@@ -88,55 +89,151 @@ async def insert_raw_labels(conn: asyncpg.Connection, labels: Sequence[RawLabel]
     )
 
 
-async def create_snapshot(conn: asyncpg.Connection, project_id: str, fmt: str = "jsonl") -> asyncpg.Record:
-    export_id = uuid.uuid4()
-    await conn.execute(
-        "INSERT INTO export.exports (export_id, project_id, rows, pending, rows_by_source, format)"
-        " VALUES ($1, $2, 0, 0, '{}', $3)",
-        export_id,
+# The line of an export row: keep it as it is, whatever the format streamed (formats are encoded
+# from it) — a changed line changes every checksum.
+_LINE_FROM = (
+    " SELECT $1, i.item_id, jsonb_build_object("
+    "  'id', i.external_id, 'item_id', i.item_id, 'text', i.text, 'label', f.label, 'source', f.source,"
+    "  'confidence', f.confidence, 'model_version', f.model_version, 'annotator_ids', f.annotator_ids,"
+    "  'below_target', f.source = 'model', 'synthetic', i.synthetic, 'metadata', i.metadata,"
+    "  'ingested_at', i.ingested_at,"
+    "  'finalized_at', f.finalized_at,"
+    "  'aggregation', f.method, 'posterior', f.confidence, 'raw_labels', r.raw_labels,"
+    "  'labeler', p.labeler)"
+    " FROM export.items i JOIN export.final_labels f USING (item_id)"
+    # The labeler's model id, prompt hash and distribution (null where no prediction came).
+    " LEFT JOIN export.predictions p USING (item_id)"
+    # An aggregate without GROUP BY yields one row even for an item nobody labeled (an empty
+    # list then), so every item keeps its line; each item's labels are one index range scan.
+    " CROSS JOIN LATERAL (SELECT coalesce(jsonb_agg(jsonb_build_object("
+    "  'annotator_id', rl.annotator_id, 'pool_id', rl.pool_id, 'label', rl.label,"
+    "  'labeled_at', rl.labeled_at, 'reason', rl.reason, 'model_label', rl.model_label,"
+    "  'model_confidence', rl.model_confidence) ORDER BY rl.labeled_at, rl.annotator_id),"
+    "  '[]'::jsonb) AS raw_labels FROM export.raw_labels rl WHERE rl.item_id = i.item_id) r"
+)
+
+
+def _filter_sql(f: ExportFilter, first: int) -> tuple[str, list[Any]]:
+    """The filter's conditions on `i` (items) and `f` (final labels), AND-ed, with their
+    parameters numbered from `first`."""
+    conds: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${first + len(args) - 1}"
+
+    if f.sources:
+        conds.append(f"f.source = ANY({arg(list(f.sources))}::text[])")
+    if f.min_confidence > 0:
+        # As real, the column's type: 0.9 as a double is above the stored real 0.9.
+        conds.append(f"f.confidence >= {arg(f.min_confidence)}::real")
+    if f.finalized_after_ms:
+        conds.append(f"f.finalized_at >= {arg(_ts(f.finalized_after_ms))}")
+    if f.finalized_before_ms:
+        conds.append(f"f.finalized_at < {arg(_ts(f.finalized_before_ms))}")
+    if f.metadata:
+        conds.append(f"i.metadata @> {arg(json.dumps(dict(f.metadata)))}::jsonb")
+    if f.certified_only:
+        conds.append("f.source <> 'model'")
+    return "".join(" AND " + c for c in conds), args
+
+
+async def create_export(
+    conn: asyncpg.Connection,
+    export_id: uuid.UUID,
+    project_id: str,
+    fmt: str,
+    f: ExportFilter,
+    retention_hours: float,
+) -> asyncpg.Record:
+    """The export's row, state 'building', with the project's next version."""
+    async with conn.transaction():
+        # The counter's row lock orders concurrent creations of a project: versions 1, 2, ...
+        version = await conn.fetchval(
+            "INSERT INTO export.export_versions AS v (project_id, last) VALUES ($1, 1)"
+            " ON CONFLICT (project_id) DO UPDATE SET last = v.last + 1 RETURNING last",
+            project_id,
+        )
+        row = await conn.fetchrow(
+            "INSERT INTO export.exports (export_id, project_id, rows, pending, rows_by_source, format,"
+            " state, version, filter, expires_at)"
+            " VALUES ($1, $2, 0, 0, '{}', $3, 'building', $4, $5::jsonb,"
+            "  CASE WHEN $6::float8 > 0 THEN now() + make_interval(secs => $6::float8 * 3600) END)"
+            " RETURNING *",
+            export_id,
+            project_id,
+            fmt,
+            version,
+            json.dumps(f.to_json()),
+            retention_hours,
+        )
+    assert row is not None
+    return row
+
+
+async def count_rows(conn: asyncpg.Connection, project_id: str, f: ExportFilter) -> tuple[int, int]:
+    """(rows the filter keeps, the project's items without a final label)."""
+    where, args = _filter_sql(f, 2)
+    total = await conn.fetchval(
+        "SELECT count(*) FROM export.items i JOIN export.final_labels f USING (item_id)"
+        " WHERE i.project_id = $1" + where,
         project_id,
-        fmt,
+        *args,
     )
-    # The counts by source come from the rows as they are inserted: exact for this snapshot, and
-    # no second read of the (large, just written) lines.
-    counted = await conn.fetch(
-        "WITH ins AS (INSERT INTO export.export_rows (export_id, item_id, line)"
-        " SELECT $1, i.item_id, jsonb_build_object("
-        "  'id', i.external_id, 'item_id', i.item_id, 'text', i.text, 'label', f.label, 'source', f.source,"
-        "  'confidence', f.confidence, 'model_version', f.model_version, 'annotator_ids', f.annotator_ids,"
-        "  'below_target', f.source = 'model', 'synthetic', i.synthetic, 'metadata', i.metadata,"
-        "  'ingested_at', i.ingested_at,"
-        "  'finalized_at', f.finalized_at,"
-        "  'aggregation', f.method, 'posterior', f.confidence, 'raw_labels', r.raw_labels)"
-        " FROM export.items i JOIN export.final_labels f USING (item_id)"
-        # An aggregate without GROUP BY yields one row even for an item nobody labeled (an empty
-        # list then), so every item keeps its line; each item's labels are one index range scan.
-        " CROSS JOIN LATERAL (SELECT coalesce(jsonb_agg(jsonb_build_object("
-        "  'annotator_id', rl.annotator_id, 'pool_id', rl.pool_id, 'label', rl.label,"
-        "  'labeled_at', rl.labeled_at, 'reason', rl.reason, 'model_label', rl.model_label,"
-        "  'model_confidence', rl.model_confidence) ORDER BY rl.labeled_at, rl.annotator_id),"
-        "  '[]'::jsonb) AS raw_labels FROM export.raw_labels rl WHERE rl.item_id = i.item_id) r"
-        " WHERE i.project_id = $2"
-        " RETURNING line->>'source' AS source)"
-        " SELECT source, count(*) AS n FROM ins GROUP BY 1",
-        export_id,
-        project_id,
-    )
-    by_source = {r["source"]: r["n"] for r in counted}
     pending = await conn.fetchval(
         "SELECT count(*) FROM export.items i WHERE i.project_id = $1"
         " AND NOT EXISTS (SELECT 1 FROM export.final_labels f WHERE f.item_id = i.item_id)",
         project_id,
     )
+    return total, pending
+
+
+async def copy_page(
+    conn: asyncpg.Connection,
+    export_id: uuid.UUID,
+    project_id: str,
+    f: ExportFilter,
+    after: uuid.UUID | None,
+    limit: int,
+) -> tuple[uuid.UUID | None, dict[str, int]]:
+    """Copy the next `limit` rows after item `after` (keyset, in item order) into the snapshot.
+    Returns the last item copied (None when nothing was left) and the rows copied by source."""
+    where, args = _filter_sql(f, 5)
+    # The counts come from the rows as they are inserted: no second read of the written lines.
     row = await conn.fetchrow(
-        "UPDATE export.exports SET rows = $2, pending = $3, rows_by_source = $4 WHERE export_id = $1 RETURNING *",
+        "WITH ins AS (INSERT INTO export.export_rows (export_id, item_id, line)"
+        + _LINE_FROM
+        + " WHERE i.project_id = $2 AND ($3::uuid IS NULL OR i.item_id > $3::uuid)"
+        + where
+        + " ORDER BY i.item_id LIMIT $4"
+        " RETURNING item_id, line->>'source' AS source)"
+        " SELECT (SELECT item_id FROM ins ORDER BY item_id DESC LIMIT 1) AS last,"
+        " (SELECT coalesce(jsonb_object_agg(source, n), '{}') FROM"
+        "  (SELECT source, count(*) AS n FROM ins GROUP BY source) c) AS by_source",
         export_id,
-        sum(by_source.values()),
-        pending,
-        json.dumps(by_source),
+        project_id,
+        after,
+        limit,
+        *args,
     )
     assert row is not None
-    return row
+    return row["last"], json.loads(row["by_source"])
+
+
+async def set_rows_done(conn: asyncpg.Connection, export_id: uuid.UUID, rows_done: int) -> None:
+    await conn.execute("UPDATE export.exports SET rows_done = $2 WHERE export_id = $1", export_id, rows_done)
+
+
+async def set_counts(conn: asyncpg.Connection, export_id: uuid.UUID, rows_total: int, pending: int) -> None:
+    # `rows` too: a caller that reads ExportInfo.rows from CreateExport (before jobs) gets the
+    # count the snapshot will have.
+    await conn.execute(
+        "UPDATE export.exports SET rows_total = $2, rows = $2, pending = $3 WHERE export_id = $1",
+        export_id,
+        rows_total,
+        pending,
+    )
 
 
 async def split_inputs(conn: asyncpg.Connection, export_id: uuid.UUID) -> list[tuple[str, str, str]]:
@@ -149,10 +246,8 @@ async def split_inputs(conn: asyncpg.Connection, export_id: uuid.UUID) -> list[t
     return [(r["item_id"], r["text"], r["label"]) for r in rows]
 
 
-async def set_splits(
-    conn: asyncpg.Connection, export_id: uuid.UUID, splits: dict[str, str]
-) -> asyncpg.Record:
-    """Write each row's split into its line (every format then carries it) and the counts."""
+async def write_splits(conn: asyncpg.Connection, export_id: uuid.UUID, splits: dict[str, str]) -> None:
+    """Write each row's split into its line: every format then carries it."""
     await conn.execute(
         "UPDATE export.export_rows r SET line = r.line || jsonb_build_object('split', u.split)"
         " FROM unnest($2::uuid[], $3::text[]) AS u(id, split) WHERE r.export_id = $1 AND r.item_id = u.id",
@@ -160,23 +255,93 @@ async def set_splits(
         list(splits),
         list(splits.values()),
     )
-    counts: dict[str, int] = {}
-    for split in splits.values():
-        counts[split] = counts.get(split, 0) + 1
+
+
+async def finish_export(
+    conn: asyncpg.Connection,
+    export_id: uuid.UUID,
+    by_source: dict[str, int],
+    by_split: dict[str, int],
+    checksum: str,
+) -> asyncpg.Record:
+    rows = sum(by_source.values())
     row = await conn.fetchrow(
-        "UPDATE export.exports SET rows_by_split = $2 WHERE export_id = $1 RETURNING *",
+        "UPDATE export.exports SET state = 'ready', rows = $2, rows_total = $2, rows_done = $2,"
+        " rows_by_source = $3, rows_by_split = $4, checksum = $5, ready_at = now()"
+        " WHERE export_id = $1 RETURNING *",
         export_id,
-        json.dumps(counts),
+        rows,
+        json.dumps(by_source),
+        json.dumps(by_split),
+        checksum,
     )
     assert row is not None
     return row
 
 
-async def delete_exports_before(conn: asyncpg.Connection, cutoff: datetime) -> int:
-    """Delete the snapshots created before `cutoff` (their rows go with them, ON DELETE CASCADE).
-    A stream already reading one keeps its own view of the rows until it ends."""
-    deleted = await conn.fetch("DELETE FROM export.exports WHERE created_at < $1 RETURNING 1", cutoff)
+async def fail_export(conn: asyncpg.Connection, export_id: uuid.UUID, error: str) -> None:
+    await conn.execute(
+        "UPDATE export.exports SET state = 'failed', error = $2 WHERE export_id = $1 AND state = 'building'",
+        export_id,
+        error,
+    )
+
+
+# Advisory lock keys of export jobs: (namespace, hash of the export id). A job holds its export's
+# lock (on its connection's session) from before the row is committed until the state is final, so
+# an export 'building' whose lock is free was left by a process that stopped.
+_JOB_LOCK = "hashtext('tandem-export-job'), hashtext($1::uuid::text)"
+
+
+async def lock_job(conn: asyncpg.Connection, export_id: uuid.UUID) -> None:
+    await conn.execute(f"SELECT pg_advisory_lock({_JOB_LOCK})", export_id)
+
+
+async def unlock_job(conn: asyncpg.Connection, export_id: uuid.UUID) -> None:
+    await conn.execute(f"SELECT pg_advisory_unlock({_JOB_LOCK})", export_id)
+
+
+async def fail_abandoned_jobs(conn: asyncpg.Connection, error: str) -> int:
+    """Mark failed the exports left 'building' by a process that stopped (their job's lock is
+    free); a job running in any replica keeps its lock, and its export."""
+    abandoned = 0
+    for row in await conn.fetch("SELECT export_id FROM export.exports WHERE state = 'building'"):
+        async with conn.transaction():
+            # The transaction's lock only tests the job's session lock; it goes at commit.
+            if await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext('tandem-export-job'), hashtext($1::uuid::text))",
+                row["export_id"],
+            ):
+                status = await conn.execute(
+                    "UPDATE export.exports SET state = 'failed', error = $2"
+                    " WHERE export_id = $1 AND state = 'building'",
+                    row["export_id"],
+                    error,
+                )
+                abandoned += status == "UPDATE 1"
+    return abandoned
+
+
+async def delete_exports_before(conn: asyncpg.Connection, cutoff: datetime | None) -> int:
+    """Delete the snapshots past the expiry they were made with, or created before `cutoff` (the
+    retention now; None: forever). Their rows go with them (ON DELETE CASCADE); a job still
+    building is left alone. A stream already reading one keeps its own view of the rows until it
+    ends."""
+    deleted = await conn.fetch(
+        "DELETE FROM export.exports WHERE state <> 'building'"
+        " AND (expires_at <= now() OR created_at < $1) RETURNING 1",
+        cutoff,
+    )
     return len(deleted)
+
+
+async def list_exports(conn: asyncpg.Connection, project_id: str, limit: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT * FROM export.exports WHERE project_id = $1 ORDER BY version DESC LIMIT $2",
+        project_id,
+        limit,
+    )
+    return rows
 
 
 async def get_export(conn: asyncpg.Connection, export_id: str) -> asyncpg.Record | None:
@@ -212,3 +377,51 @@ async def stats(conn: asyncpg.Connection, project_id: str) -> tuple[int, dict[st
     )
     last = max((r["last"] for r in rows), default=None)
     return items, {r["source"]: r["n"] for r in rows}, last
+
+
+async def replace_slice_flags(
+    conn: asyncpg.Connection,
+    project_id: str,
+    fields: Sequence[str],
+    flagged: Sequence[tuple[str, str, list[str]]],
+) -> dict[tuple[str, str], int]:
+    """A report's flags for the fields it covered, (field, value, reasons): a slice still flagged
+    keeps the time it was first flagged, one no longer flagged is dropped. Returns (field, value) →
+    flagged since (unix ms) for the slices flagged now."""
+    await conn.execute(
+        "DELETE FROM export.slice_flags f WHERE f.project_id = $1 AND f.field = ANY($2::text[])"
+        " AND (f.field, f.value) NOT IN (SELECT * FROM unnest($3::text[], $4::text[]))",
+        project_id,
+        list(fields),
+        [f for f, _, _ in flagged],
+        [v for _, v, _ in flagged],
+    )
+    since: dict[tuple[str, str], int] = {}
+    for f, v, reasons in flagged:
+        at = await conn.fetchval(
+            "INSERT INTO export.slice_flags (project_id, field, value, reasons) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (project_id, field, value) DO UPDATE SET reasons = EXCLUDED.reasons"
+            " RETURNING flagged_at",
+            project_id,
+            f,
+            v,
+            reasons,
+        )
+        since[(f, v)] = int(at.timestamp() * 1000)
+    return since
+
+
+async def upsert_predictions(
+    conn: asyncpg.Connection, project_id: str, rows: Sequence[tuple[str, dict[str, object]]], at: datetime
+) -> None:
+    """The labeler's output per item, (item id, {"model_id", "prompt_hash", "distribution"}); a
+    redelivery or a re-prediction replaces it."""
+    await conn.execute(
+        "INSERT INTO export.predictions (item_id, project_id, labeler, predicted_at)"
+        " SELECT u.id, $2, u.labeler::jsonb, $4 FROM unnest($1::uuid[], $3::text[]) AS u(id, labeler)"
+        " ON CONFLICT (item_id) DO UPDATE SET labeler = EXCLUDED.labeler, predicted_at = EXCLUDED.predicted_at",
+        [item_id for item_id, _ in rows],
+        project_id,
+        [json.dumps(labeler) for _, labeler in rows],
+        at,
+    )

@@ -20,3 +20,8 @@ class ExportSettings(ServiceSettings):
     # sweeper; 0 keeps them forever.
     retention_hours: float = Field(default=168.0, ge=0)
     sweep_seconds: float = Field(default=300.0, gt=0)
+    # Rows copied per page of an export job: each page is one INSERT ... SELECT and one progress
+    # update, so smaller pages show progress more often at a little more overhead.
+    page_rows: int = Field(default=20_000, ge=1)
+    # How often a stream of a snapshot still building looks whether it is ready.
+    wait_poll_seconds: float = Field(default=0.2, gt=0)

@@ -141,7 +141,10 @@ async def _export(
         )
         request = export_pb2.StreamExportRequest(export_id=info.export_id, file_stem="news")
         chunks = [c async for c in stub.StreamExport(request, timeout=10)]
-    assert info.rows == len(ITEMS)
+        assert info.rows == len(ITEMS)
+        # Exports are jobs: the split's counts are known once it is ready (the stream waited).
+        info = await stub.GetExport(export_pb2.GetExportRequest(export_id=info.export_id), timeout=10)
+    assert info.state == export_pb2.EXPORT_STATE_READY
     return info, chunks
 
 

@@ -214,7 +214,8 @@ async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> No
         ("ann-a", "north", "cat"),
     ]
     assert all(
-        set(r) == {"annotator_id", "pool_id", "label", "labeled_at", "reason", "model_label"}
+        set(r)
+        == {"annotator_id", "pool_id", "label", "labeled_at", "reason", "model_label", "model_confidence"}
         for r in first["raw_labels"]
     )
     assert [r["model_label"] for r in first["raw_labels"]] == ["cat", "cat"]

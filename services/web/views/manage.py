@@ -305,14 +305,28 @@ def _format_of(info: export_pb2.ExportInfo) -> tuple[str, str, str]:
     return name, extension, content_type
 
 
+EXPORT_STATES = {
+    export_pb2.EXPORT_STATE_BUILDING: "building",
+    export_pb2.EXPORT_STATE_READY: "ready",
+    export_pb2.EXPORT_STATE_FAILED: "failed",
+}
+EXPORTS_LISTED = 20
+
+
 async def export_page(request: web.Request) -> web.StreamResponse:
     info = await _export(request)
+    # The project's recent snapshots beside this one: versions, states and checksums.
+    listed: export_pb2.ListExportsResponse = await app_state(request).backends.export.ListExports(
+        export_pb2.ListExportsRequest(project_id=info.project_id, limit=EXPORTS_LISTED), **auth(request)
+    )
     return render(
         request,
         "export.html",
         info=info,
         sources=sorted(info.rows_by_source.items()),
         format_name=_format_of(info)[0],
+        states=EXPORT_STATES,
+        exports=[(e, _FORMAT_NAMES.get(e.format, "jsonl")) for e in listed.exports],
     )
 
 
