@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,15 +173,55 @@ def _parser() -> argparse.ArgumentParser:
         help="fractions, e.g. 0.8,0.1,0.1: stratified by label, equal texts kept in one split",
     )
     ex.add_argument("--seed", type=int, default=0, help="seed of the split")
+    ex.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        choices=("auto", "human", "consensus", "gold", "model"),
+        help="keep final labels from this source (repeatable; default: every source)",
+    )
+    ex.add_argument("--min-confidence", type=float, default=0.0, help="keep labels at least this confident")
+    ex.add_argument(
+        "--since",
+        type=_time_arg,
+        metavar="DATE|DATETIME",
+        help="keep labels finalized at or after this (ISO 8601; UTC unless it says otherwise)",
+    )
+    ex.add_argument(
+        "--until",
+        type=_time_arg,
+        metavar="DATE|DATETIME",
+        help="keep labels finalized before this (a date alone: up to the end of that day)",
+    )
+    ex.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        type=_where_arg,
+        metavar="FIELD=VALUE",
+        help="keep items whose metadata FIELD is VALUE (repeatable: every pair must hold)",
+    )
+    ex.add_argument(
+        "--certified-only",
+        action="store_true",
+        help="leave out labels below the project's target (source model)",
+    )
+    exs = sub.add_parser("exports", help="the project's export snapshots, newest first")
+    exs.add_argument("--project", required=True)
+    exs.add_argument("--limit", type=int, default=50)
 
-    rp = sub.add_parser("report", help="quality and fairness by slice, from a fresh export (HTML or JSON)")
+    rp = sub.add_parser(
+        "report", help="quality and fairness by slice (HTML or JSON); flagged slices get more audits"
+    )
     rp.add_argument("--project", required=True)
     rp.add_argument(
         "--slice", action="append", required=True, metavar="FIELD", help="a metadata field (repeatable)"
     )
     rp.add_argument("--format", choices=REPORT_FORMATS, default="html")
     rp.add_argument("-o", "--output", type=Path, help="the file (default: reports/<project>-quality-<time>)")
-    rp.add_argument("--target", type=float, help="target accuracy (default: the project's)")
+    rp.add_argument(
+        "--export", default="", metavar="EXPORT_ID", help="report on this export (default: a fresh one)"
+    )
 
     lg = sub.add_parser("login", help="log in with a password; saves an API token for this machine")
     lg.add_argument("user")
@@ -326,9 +367,11 @@ async def _with_clients(args: argparse.Namespace) -> int:
             return 0
         elif args.command == "status":
             work = commands.status(clients, args.project, args.watch)
+        elif args.command == "exports":
+            work = commands.list_exports(clients, args.project, args.limit)
         elif args.command == "report":
             report, path = await quality_report(
-                clients, args.project, args.slice, args.format, args.output, args.target
+                clients, args.project, args.slice, args.format, args.output, args.export
             )
             console.print(flags_table(report))
             console.print(f"report: {path}")
@@ -338,11 +381,26 @@ async def _with_clients(args: argparse.Namespace) -> int:
             if args.split is not None:
                 train, validation, test = args.split
                 split = export_pb2.Split(train=train, validation=validation, test=test, seed=args.seed)
-            info, paths = await commands.export_files(clients, args.project, args.output, args.format, split)
+            keep = export_pb2.ExportFilter(
+                sources=args.source,
+                min_confidence=args.min_confidence,
+                finalized_after_unix_ms=args.since[0] if args.since else 0,
+                finalized_before_unix_ms=args.until[1] if args.until else 0,
+                metadata=dict(args.where),
+                certified_only=args.certified_only,
+            )
+            info, paths = await commands.export_files(
+                clients, args.project, args.output, args.format, split, keep
+            )
             console.print(
                 f"exported {info.rows:,} rows ({info.pending:,} items still pending) to "
                 + ", ".join(str(p) for p in paths)
             )
+            if info.version:
+                console.print(
+                    f"version {info.version}, sha256 {info.checksum}"
+                    + (" (verified)" if args.format == "jsonl" and info.checksum else "")
+                )
             if info.rows_by_split:
                 console.print("split: " + ", ".join(f"{n} {c:,}" for n, c in info.rows_by_split.items()))
             certificate = commands.certificate_path(paths[0])
@@ -382,6 +440,27 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as exc:
         raise InputError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _time_arg(text: str) -> tuple[int, int]:
+    """An ISO date or date-time as (its start, its end) in unix ms: a date alone spans its day,
+    so `--until 2026-11-30` keeps that day. Without a zone: UTC."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or date-time: {text!r}") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    start = int(at.timestamp() * 1000)
+    date_only = "T" not in text and " " not in text.strip()
+    return start, start + (86_400_000 if date_only else 0)
+
+
+def _where_arg(text: str) -> tuple[str, str]:
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, not {text!r}")
+    return field.strip(), value
 
 
 def _split_arg(text: str) -> tuple[float, float, float]:

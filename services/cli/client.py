@@ -59,6 +59,7 @@ class Clients:
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channels["ingest"])
         self.review = review_pb2_grpc.ReviewServiceStub(self._channels["review"])
         self.export = export_pb2_grpc.ExportServiceStub(self._channels["export"])
+        self.report = export_pb2_grpc.ReportServiceStub(self._channels["export"])
         # The workforce is served by the review service.
         self.workforce = workforce_pb2_grpc.WorkforceServiceStub(self._channels["review"])
         if "identity" in self._channels:

@@ -73,6 +73,10 @@ EXPORT_LABELS = ConsumerSpec("export-labels", "TANDEM_LABELS", (Subject.LABELS_F
 EXPORT_RAW_LABELS = ConsumerSpec("export-raw-labels", "TANDEM_LABELS", (Subject.LABELS_ANNOTATED,))
 # Item metadata, for the skills a task needs (projects with skill fields only).
 REVIEW_ITEMS = ConsumerSpec("review-items", "TANDEM_ITEMS", (Subject.ITEMS_INGESTED,))
+# The labeler's model id, prompt hash and distribution, exported with each item.
+EXPORT_PREDICTIONS = ConsumerSpec(
+    "export-predictions", "TANDEM_PREDICTIONS", (Subject.PREDICTIONS_PRELABELED,)
+)
 # Slices a quality report flagged: the scorer audits their items more.
 SCORER_SLICES = ConsumerSpec("scorer-slices", "TANDEM_QUALITY", (Subject.QUALITY_SLICES_FLAGGED,))
 
@@ -86,6 +90,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     EXPORT_RAW_LABELS,
     REVIEW_ITEMS,
     SCORER_SLICES,
+    EXPORT_PREDICTIONS,
 )
 
 PROJECTS_BUCKET = "tandem_projects"
