@@ -22,10 +22,12 @@ import pytest
 
 from services.cli.client import channel
 from services.cli.stack import Stack
-from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_RAW_LABELS
+from services.common.bus.topology import EXPORT_ITEMS, EXPORT_LABELS, EXPORT_PREDICTIONS, EXPORT_RAW_LABELS
+from services.common.projects import LabelSpec, ProjectDirectory, ProjectSpec
 from services.gen.tandem.export.v1 import export_pb2, export_pb2_grpc
 from services.gen.tandem.items.v1 import items_pb2
 from services.gen.tandem.labels.v1 import labels_pb2
+from services.gen.tandem.predictions.v1 import predictions_pb2
 from tests.integration.bus import drained, publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -232,3 +234,40 @@ async def test_export_carries_raw_labels_and_the_aggregation(stack: Stack) -> No
     ]
     assert second["raw_labels"][0]["model_label"] == ""
     assert (second["aggregation"], second["posterior"]) == ("single", 1.0)
+
+
+async def test_export_carries_the_labelers_model_prompt_and_distribution(stack: Stack) -> None:
+    item_id = str(uuid.uuid4())
+    now = int(time.time() * 1000)
+    nc = await nats.connect(stack.nats_url, connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        labels = (LabelSpec("cat", "a cat"), LabelSpec("dog", "a dog"))
+        await ProjectDirectory(js).put(ProjectSpec(PROJECT, PROJECT, labels, "", 0.95, 0.0))
+        # The prediction before the item: they come on different subjects, in either order.
+        prediction = predictions_pb2.PredictionBatch(
+            batch_id=str(uuid.uuid4()),
+            project_id=PROJECT,
+            model_id="gte-small",
+            prompt_hash="abc123",
+            predicted_unix_ms=now,
+            predictions=[predictions_pb2.Prediction(item_id=item_id, probs=[0.75, 0.25])],
+        )
+        await publish(js, prediction)
+        await publish(js, prediction)  # a redelivery changes nothing
+        item = items_pb2.Item(
+            item_id=item_id, project_id=PROJECT, external_id="p1", text="purrs", ingested_unix_ms=now
+        )
+        await publish(js, items_pb2.ItemBatch(batch_id=str(uuid.uuid4()), project_id=PROJECT, items=[item]))
+        await publish(js, _final(item_id, "cat", labels_pb2.LABEL_SOURCE_AUTO, "", 0.75, (), now))
+        await drained(js, EXPORT_PREDICTIONS, delivered=2)
+        await drained(js, EXPORT_ITEMS, delivered=1)
+        await drained(js, EXPORT_LABELS, delivered=1)
+    finally:
+        await nc.close()
+    _, lines = await _export(stack)
+    assert lines[item_id]["labeler"] == {
+        "model_id": "gte-small",
+        "prompt_hash": "abc123",
+        "distribution": {"cat": 0.75, "dog": 0.25},
+    }
