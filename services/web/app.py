@@ -14,7 +14,7 @@ from services.web.session import Csrf, Sessions
 from services.web.settings import WebSettings
 from services.web.state import STATE, WebState
 from services.web.throughput import Throughput
-from services.web.views import annotate, api, auth, edit, manage, people, workforce
+from services.web.views import annotate, api, auth, edit, manage, people, quality, workforce
 
 
 def create_app(settings: WebSettings, backends: Backends, *, tls: bool) -> web.Application:
@@ -54,6 +54,8 @@ def create_app(settings: WebSettings, backends: Backends, *, tls: bool) -> web.A
     r.add_get(
         "/projects/{project_id}/exports/{export_id}/download", manage.export_download, name="export_download"
     )
+    r.add_get("/projects/{project_id}/quality", quality.quality_page, name="quality")
+    r.add_post("/projects/{project_id}/quality", quality.make_report, name="quality_report")
     r.add_get("/projects/{project_id}/members", people.members_page, name="members")
     r.add_post("/projects/{project_id}/members", people.add_member, name="member_add")
     r.add_post("/projects/{project_id}/members/{user_id}/remove", people.remove_member, name="member_remove")

@@ -70,6 +70,7 @@ class Backends:
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channels["ingest"])
         self.review = review_pb2_grpc.ReviewServiceStub(self._channels["review"])
         self.export = export_pb2_grpc.ExportServiceStub(self._channels["export"])
+        self.report = export_pb2_grpc.ReportServiceStub(self._channels["export"])
         self.identity = identity_pb2_grpc.IdentityServiceStub(self._channels["identity"])
         # The review service serves the workforce too (pools, people, gold, quality).
         self.workforce = workforce_pb2_grpc.WorkforceServiceStub(self._channels["review"])

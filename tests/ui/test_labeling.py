@@ -152,7 +152,13 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await expect(watcher.locator("#suggestions-setting")).to_contain_text("Annotators see the model")
 
     items = tmp_path / "tickets.jsonl"
-    items.write_text("".join(json.dumps({"id": f"t{i:02d}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    # The channel each ticket came by: metadata the quality report slices by.
+    items.write_text(
+        "".join(
+            json.dumps({"id": f"t{i:02d}", "text": t, "channel": ("email", "chat")[i % 2]}) + "\n"
+            for i, t in enumerate(TEXTS)
+        )
+    )
     await maria.goto(f"/projects/{PROJECT}/upload")
     await expect(maria.locator("#upload-progress")).to_be_hidden()
     await maria.set_input_files("input[name=file]", str(items))
@@ -342,6 +348,17 @@ async def test_a_day_with_the_web_app(browser: Browser, stack: Stack, tmp_path: 
     await maria.click("#pool-form button[type=submit]")
     await expect(maria.locator("#pools")).to_contain_text("in-house")
     await _shot(maria, "19-pools", full_page=True)
+
+    # -- the quality and fairness report, sliced by the tickets' channel ----------------------------
+    await maria.goto(f"/projects/{PROJECT}")
+    await maria.get_by_role("navigation", name="Project").get_by_role("link", name="Quality").click()
+    await maria.fill("#slice", "channel")
+    await maria.click("#make-report")
+    await expect(maria.locator("#flags")).to_be_visible()
+    frame = maria.frame_locator("#report")
+    await expect(frame.locator("body")).to_contain_text("email")
+    await expect(frame.locator("svg").first).to_be_visible()
+    await _shot(maria, "20-quality-report", full_page=True)
 
     # -- someone who is not a member sees nothing of the project ------------------------------------
     otto = await _person(browser, stack, "otto")
