@@ -446,14 +446,24 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
                 await repo.write_splits(conn, export_id, splits)
                 for split in splits.values():
                     by_split[split] = by_split.get(split, 0) + 1
+            copied_at = time.monotonic()
             # After the split: the split is part of each line, so of the content.
             checksum = await self._checksum(conn, export_id)
+            summed_at = time.monotonic()
             await tx.commit()
             await repo.finish_export(conn, export_id, by_source, by_split, checksum)
             error = None
             SECONDS.observe(time.monotonic() - started)
             ROWS.inc(done)
-            log.info("export %s v%d ready: %d rows, sha256 %s", export_id, row["version"], done, checksum)
+            log.info(
+                "export %s v%d ready: %d rows (copy and split %.1f s, checksum %.1f s), sha256 %s",
+                export_id,
+                row["version"],
+                done,
+                copied_at - started,
+                summed_at - copied_at,
+                checksum,
+            )
         except asyncio.CancelledError:
             log.warning("export %s interrupted while building", export_id)
             raise
