@@ -103,6 +103,9 @@ def check_item(raw: RawItem, limits: Limits) -> str:
         raise ValueError("text contains a NUL character")
     if len(raw.external_id) > MAX_EXTERNAL_ID_CHARS:
         raise ValueError(f"external_id is longer than {MAX_EXTERNAL_ID_CHARS} characters")
+    # PostgreSQL text and jsonb refuse NUL: caught here, one item is refused, not the request.
+    if "\x00" in raw.external_id:
+        raise ValueError("external_id contains a NUL character")
     if len(raw.metadata) > limits.max_metadata_keys:
         raise ValueError(f"metadata has {len(raw.metadata)} keys; the limit is {limits.max_metadata_keys}")
     for key, value in raw.metadata.items():
@@ -112,6 +115,8 @@ def check_item(raw: RawItem, limits: Limits) -> str:
             raise ValueError(
                 f"metadata value for {key!r} is longer than {limits.max_metadata_value_chars} characters"
             )
+        if "\x00" in key or "\x00" in value:
+            raise ValueError(f"metadata {key!r} contains a NUL character")
     return text
 
 
@@ -141,12 +146,32 @@ def screen(items: Sequence[RawItem], known_projects: set[str], limits: Limits) -
     return out
 
 
+# What an item costs in a bus message beyond the strings counted: item id (and as the external id
+# when none was given), time, flags, field tags and lengths.
+ITEM_OVERHEAD_BYTES = 128
+
+
+def serialized_size(item: ValidItem) -> int:
+    """An upper estimate of the item's bytes in an ItemBatch: every string it carries (text,
+    external id, metadata keys and values) plus the fixed fields."""
+    meta = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) + 8 for k, v in item.metadata.items())
+    return (
+        len(item.text.encode("utf-8"))
+        + len(item.external_id.encode("utf-8"))
+        + len(item.project_id)
+        + len(item.content_hash)
+        + meta
+        + ITEM_OVERHEAD_BYTES
+    )
+
+
 def chunk(items: Sequence[ValidItem], max_items: int, max_bytes: int) -> Iterator[list[ValidItem]]:
-    """Bus batches bounded by count and by approximate payload size."""
+    """Bus batches bounded by count and by serialized size (NATS refuses payloads over its
+    max_payload, 1 MiB by default: one oversized batch would block the outbox for everyone)."""
     current: list[ValidItem] = []
     size = 0
     for item in items:
-        item_size = len(item.text.encode("utf-8")) + 256
+        item_size = serialized_size(item)
         if current and (len(current) >= max_items or size + item_size > max_bytes):
             yield current
             current, size = [], 0

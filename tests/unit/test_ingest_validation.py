@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 import pytest
 
 from services.common.projects import LabelSpec, ProjectSpec
+from services.gen.tandem.items.v1 import items_pb2
 from services.ingest.service import (
     InvalidProject,
     Limits,
@@ -62,9 +64,50 @@ def test_chunk_bounds_count_and_bytes() -> None:
     items = screen([raw(b"z" * 50, ext=str(i)) for i in range(10)], {"p"}, LIMITS).valid
     by_count = list(chunk(items, max_items=4, max_bytes=10**6))
     assert [len(c) for c in by_count] == [4, 4, 2]
-    by_bytes = list(chunk(items, max_items=100, max_bytes=700))
+    by_bytes = list(chunk(items, max_items=100, max_bytes=600))
     assert all(len(c) == 2 for c in by_bytes)
     assert sum(len(c) for c in by_bytes) == 10
+
+
+def test_batches_stay_under_the_byte_bound_as_serialized_metadata_included() -> None:
+    """Metadata counts: items with little text and much metadata once made 1 MB+ messages."""
+    limits = Limits(max_text_bytes=1000, max_metadata_keys=20, max_metadata_value_chars=500)
+    many = [raw(b"t", ext=f"ext-{i}", **{f"field{k}": "v" * 500 for k in range(20)}) for i in range(200)]
+    items = screen(many, {"p"}, limits).valid
+    assert len(items) == 200
+    bound = 64 * 1024
+    batches = list(chunk(items, max_items=1000, max_bytes=bound))
+    assert len(batches) > 1 and sum(len(b) for b in batches) == 200
+    for batch in batches:
+        message = items_pb2.ItemBatch(
+            batch_id=str(uuid.uuid4()),
+            project_id="p",
+            items=[
+                items_pb2.Item(
+                    item_id=str(uuid.uuid4()),
+                    project_id=it.project_id,
+                    external_id=it.external_id,
+                    text=it.text,
+                    metadata=it.metadata,
+                    content_hash=it.content_hash,
+                    synthetic=it.synthetic,
+                    ingested_unix_ms=1_800_000_000_000,
+                )
+                for it in batch
+            ],
+        )
+        assert message.ByteSize() <= bound
+
+
+def test_a_nul_in_metadata_or_external_id_refuses_that_item_only() -> None:
+    out = screen(
+        [raw(b"a", ext="ok"), raw(b"b", ext="m", k="x\x00y"), raw(b"c", ext="e\x00"), raw(b"d", ext="ok2")],
+        {"p"},
+        LIMITS,
+    )
+    assert [v.external_id for v in out.valid] == ["ok", "ok2"]
+    reasons = sorted(r.reason for r in out.rejected)
+    assert reasons == ["external_id contains a NUL character", "metadata 'k' contains a NUL character"]
 
 
 def spec(**kw: object) -> ProjectSpec:
