@@ -123,7 +123,7 @@ class Runtime:
         except Exception as exc:
             raise FatalError(f"cannot connect to NATS at {self.common.nats_url}: {exc}") from exc
         self._js = self._nc.jetstream()
-        await apply_topology(self._js)
+        await apply_topology(self._js, self.common.nats_stream_replicas)
         self.auth.bind(self._js)
 
 

@@ -20,6 +20,8 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # JetStream replication of every stream and bucket; at most the number of NATS servers.
+    nats_stream_replicas: int = Field(default=1, ge=1, le=5)
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/postgres")
     log_level: str = "INFO"
     log_format: Literal["console", "json"] = "console"

@@ -3,6 +3,9 @@
 Every service applies the whole topology, so consumers exist before anything is published and
 a changed setting here reaches the server on the next start (an existing consumer is updated,
 never silently kept with its old config).
+
+Streams and key-value buckets are replicated `replicas` times (TANDEM_NATS_STREAM_REPLICAS: 3 on
+the 3-node cluster, 1 against a single nats-server in development and tests).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from services.common.bus.contracts import DLQ_PREFIX, Subject
 
@@ -44,7 +47,9 @@ class ConsumerSpec:
     subjects: tuple[Subject, ...]
     # Long enough for one CPU labeler batch; handlers send in_progress() for slower work.
     ack_wait_seconds: float = 60.0
-    max_deliver: int = 6
+    # The retry budget: the worker naks with 1, 2, 4 … 60 s between deliveries, so 20 span
+    # about 14 minutes — a PostgreSQL restart or a NATS leader election dead-letters nothing.
+    max_deliver: int = 20
     max_ack_pending: int = 256
     backoff: tuple[float, ...] = field(default=())
 
@@ -97,9 +102,13 @@ PROJECTS_BUCKET = "tandem_projects"
 FEWSHOT_BUCKET = "tandem_fewshot"
 # Token grants and principals, written by identity only (see services/common/auth.py).
 IDENTITY_BUCKET = "tandem_identity"
+BUCKETS: tuple[str, ...] = (PROJECTS_BUCKET, FEWSHOT_BUCKET, IDENTITY_BUCKET)
+
+# JetStream's "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE = 10058
 
 
-def _stream_config(spec: StreamSpec) -> StreamConfig:
+def _stream_config(spec: StreamSpec, replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
@@ -108,6 +117,7 @@ def _stream_config(spec: StreamSpec) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         max_age=spec.max_age_seconds,
         duplicate_window=spec.duplicate_window_seconds,
+        num_replicas=replicas,
     )
 
 
@@ -127,10 +137,16 @@ def _consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-async def apply_topology(js: JetStreamContext) -> None:
-    """Create or update every stream, consumer and bucket; safe to run concurrently."""
+async def apply_topology(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update every stream, consumer and bucket; safe to run concurrently.
+
+    `replicas` is the JetStream replication factor of every stream and bucket; it must not exceed
+    the number of servers in the cluster.
+    """
+    if replicas < 1:
+        raise ValueError(f"stream replicas must be at least 1, got {replicas}")
     for stream in STREAMS:
-        config = _stream_config(stream)
+        config = _stream_config(stream, replicas)
         try:
             await js.stream_info(stream.name)
         except NotFoundError:
@@ -140,7 +156,25 @@ async def apply_topology(js: JetStreamContext) -> None:
     for consumer in CONSUMERS:
         # CONSUMER.CREATE with a name creates the consumer or updates its config.
         await js.add_consumer(consumer.stream, _consumer_config(consumer))
-    await js.create_key_value(bucket=PROJECTS_BUCKET, history=1)
-    await js.create_key_value(bucket=FEWSHOT_BUCKET, history=1)
-    await js.create_key_value(bucket=IDENTITY_BUCKET, history=1)
-    log.debug("topology applied: %d streams, %d consumers", len(STREAMS), len(CONSUMERS))
+    for bucket in BUCKETS:
+        await _ensure_bucket(js, bucket, replicas)
+    log.debug(
+        "topology applied: %d streams, %d consumers, %d buckets, replicas %d",
+        len(STREAMS),
+        len(CONSUMERS),
+        len(BUCKETS),
+        replicas,
+    )
+
+
+async def _ensure_bucket(js: JetStreamContext, bucket: str, replicas: int) -> None:
+    try:
+        await js.create_key_value(bucket=bucket, history=1, replicas=replicas)
+    except BadRequestError as exc:
+        # create_key_value only creates: a bucket made with another replica count (an earlier
+        # setting) is updated in place, keeping the rest of its stream's config.
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        info = await js.stream_info(f"KV_{bucket}")
+        info.config.num_replicas = replicas
+        await js.update_stream(info.config)

@@ -4,18 +4,28 @@ Fetch a batch from a durable pull consumer, decode each message by its subject, 
 handler, then settle it explicitly:
 
 - success                      ack (after the handler's transaction committed)
-- RetryableError / unexpected  nak(delay) with a growing delay, until max_deliver; the last
-                               delivery is dead-lettered instead of being dropped silently
-- PermanentError (poison)      publish to tandem.dlq.<consumer> with the reason, then term()
+- retryable / unexpected       nak(delay), the delay doubling from 1 s up to 60 s, until
+                               max_deliver (20 by default: about 14 minutes, so a database
+                               restart or a bus hiccup costs no message); the last delivery is
+                               dead-lettered instead of being dropped silently
+- permanent (poison, bad data) publish to tandem.dlq.<consumer> with the reason, then term()
 - FatalError                   nak so another replica gets it, then stop the process
+
+Which is which is `services.common.errors.classify`: by exception type, never by text.
+A fetch that fails on a passing bus error (JetStream 503, no responders, reconnecting) is
+retried with a back-off of its own; the loop does not end on it.
 
 Handlers must be idempotent: the same message can arrive twice (redelivery after a crash
 between commit and ack).
+
+Beside the loop, each worker reads its consumer's info every `lag_interval` seconds and exports
+the backlog (tandem_bus_consumer_pending, tandem_bus_consumer_ack_pending) for the lag alerts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,13 +35,22 @@ from google.protobuf.message import Message
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from prometheus_client import Gauge
 
 from services.common.bus.contracts import Subject, decode, dlq_subject
 from services.common.bus.topology import ConsumerSpec
-from services.common.errors import FatalError, PermanentError, RetryableError
+from services.common.errors import FatalError, PermanentError, RetryableError, classify, is_transient
 from services.common.metrics import BUS_BATCH_ITEMS, BUS_DEAD_LETTERS, BUS_HANDLER_SECONDS, BUS_MESSAGES
 
 log = logging.getLogger(__name__)
+
+# Every replica reports the same server-side numbers: aggregate with max by (consumer).
+CONSUMER_PENDING = Gauge(
+    "tandem_bus_consumer_pending", "Messages in the stream not yet delivered to the consumer.", ["consumer"]
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "tandem_bus_consumer_ack_pending", "Messages delivered to the consumer and not yet acked.", ["consumer"]
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +89,11 @@ class Worker:
         on_fatal: OnFatal,
         fetch_batch: int = 8,
         fetch_timeout: float = 1.0,
-        base_retry_delay: float = 0.5,
+        base_retry_delay: float = 1.0,
+        max_retry_delay: float = 60.0,
+        fetch_retry_delay: float = 0.5,
+        max_fetch_retry_delay: float = 10.0,
+        lag_interval: float = 15.0,
     ) -> None:
         self._js = js
         self._spec = spec
@@ -79,6 +102,10 @@ class Worker:
         self._fetch_batch = fetch_batch
         self._fetch_timeout = fetch_timeout
         self._base_retry_delay = base_retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._fetch_retry_delay = fetch_retry_delay
+        self._max_fetch_retry_delay = max_fetch_retry_delay
+        self._lag_interval = lag_interval
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -95,13 +122,36 @@ class Worker:
 
     async def run(self) -> None:
         sub = await self._js.pull_subscribe_bind(durable=self._spec.name, stream=self._spec.stream)
+        failed_fetches = 0
+        lag = asyncio.create_task(self._watch_lag(), name=f"{self._spec.name}-lag")
         try:
             while not self._stopping.is_set():
                 try:
                     msgs = await sub.fetch(self._fetch_batch, timeout=self._fetch_timeout)
                 except (NatsTimeoutError, TimeoutError):
                     # nats-py raises either, depending on the batch size.
+                    failed_fetches = 0
                     continue
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    # A 503 while the stream's leader moves, or the connection reconnecting:
+                    # the consumer is still there, so wait and fetch again.
+                    failed_fetches += 1
+                    delay = min(
+                        self._fetch_retry_delay * 2 ** (failed_fetches - 1), self._max_fetch_retry_delay
+                    )
+                    log.warning(
+                        "%s: fetch failed (%d in a row), again in %.1fs: %r",
+                        self._spec.name,
+                        failed_fetches,
+                        delay,
+                        exc,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                    continue
+                failed_fetches = 0
                 self._idle.clear()
                 try:
                     for msg in msgs:
@@ -113,7 +163,23 @@ class Worker:
                 finally:
                     self._idle.set()
         finally:
+            lag.cancel()
+            await asyncio.gather(lag, return_exceptions=True)
             await sub.unsubscribe()
+
+    async def _watch_lag(self) -> None:
+        """Export the consumer's backlog; a failed read only skips one sample."""
+        consumer = self._spec.name
+        while not self._stopping.is_set():
+            try:
+                info = await self._js.consumer_info(self._spec.stream, consumer)
+            except Exception as exc:
+                log.debug("%s: could not read consumer info: %r", consumer, exc)
+            else:
+                CONSUMER_PENDING.labels(consumer).set(info.num_pending or 0)
+                CONSUMER_ACK_PENDING.labels(consumer).set(info.num_ack_pending or 0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._lag_interval)
 
     async def _settle(self, msg: Msg) -> None:
         consumer = self._spec.name
@@ -142,23 +208,29 @@ class Worker:
             self._stopping.set()
             self._on_fatal(exc)
         except Exception as exc:
-            # RetryableError and anything unforeseen: retry with backoff; never lose the message.
-            if meta.num_delivered >= self._spec.max_deliver:
+            if classify(exc) == "permanent":
+                # Bad data (asyncpg DataError, a constraint, a ValueError on the payload).
+                outcome = "dead_letter"
+                await self._dead_letter(msg, f"permanent: {exc!r}")
+            elif meta.num_delivered >= self._spec.max_deliver:
                 outcome = "dead_letter"
                 await self._dead_letter(msg, f"gave up after {meta.num_delivered} deliveries: {exc!r}")
             else:
+                # Retryable and unforeseen alike: back off, never lose the message. Only an
+                # unforeseen error earns a traceback; a known blip is expected now and then.
                 outcome = "nak"
-                delay = exc.delay if isinstance(exc, RetryableError) else self._base_retry_delay
-                delay *= 2 ** (meta.num_delivered - 1)
-                level = logging.WARNING if isinstance(exc, RetryableError) else logging.ERROR
+                base = exc.delay if isinstance(exc, RetryableError) else self._base_retry_delay
+                delay = min(base * 2 ** (meta.num_delivered - 1), self._max_retry_delay)
+                expected = is_transient(exc)
                 log.log(
-                    level,
-                    "%s: retry in %.1fs (delivery %d): %r",
+                    logging.WARNING if expected else logging.ERROR,
+                    "%s: retry in %.1fs (delivery %d of %d): %r",
                     consumer,
                     delay,
                     meta.num_delivered,
+                    self._spec.max_deliver,
                     exc,
-                    exc_info=not isinstance(exc, RetryableError),
+                    exc_info=not expected,
                 )
                 await msg.nak(delay=delay)
         finally:
