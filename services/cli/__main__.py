@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from services.cli import access, commands, workforce_commands
+from services.cli import access, commands, dlq, workforce_commands
 from services.cli.access import resolve_token, write_token
 from services.cli.bench_aggregation import AggregationBenchOptions, parse_overlaps, run_aggregation_bench
 from services.cli.bench_labeling import BenchOptions, run_bench
@@ -259,6 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     tsub.add_parser("revoke").add_argument("token_id")
 
     workforce_commands.add_parsers(sub)
+    dlq.add_parser(sub)
     return p
 
 
@@ -552,6 +553,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             asyncio.run(run_demo(options))
             sys.exit(0)
+        if args.command == "dlq":
+            # Straight to NATS: the dead letters are the bus's, not a service's.
+            sys.exit(asyncio.run(dlq.run(args)))
         sys.exit(asyncio.run(_with_clients(args)))
     except KeyboardInterrupt:
         sys.exit(130)
