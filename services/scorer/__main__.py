@@ -28,6 +28,7 @@ def main() -> None:
         rt.add_worker(SCORER_LABELS, scorer.on_human_labels, fetch_batch=64)
         rt.add_worker(SCORER_SLICES, scorer.on_slice_flags)
         rt.add_background(scorer.refit_loop)
+        rt.add_closer(scorer.close)
         stats_pb2_grpc.add_StatsServiceServicer_to_server(ScorerStatsServicer(scorer), rt.grpc_server)
 
     run("scorer", settings, setup, schema=SCHEMA)

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -18,7 +19,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common.bus.outbox import OutboxRelay, Outgoing
 from services.common.bus.worker import Delivery
-from services.common.errors import PermanentError
+from services.common.errors import PermanentError, RetryableError
 from services.common.fewshot import FewShotSet, FewShotStore, select_demonstrations
 from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory, ProjectSpec
@@ -28,6 +29,7 @@ from services.gen.tandem.quality.v1 import quality_pb2
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.gen.tandem.tasks.v1 import tasks_pb2
 from services.scorer import repo
+from services.scorer.leases import ProjectLeases
 from services.scorer.policy.certification import wilson_lower_bound
 from services.scorer.policy.features import features
 from services.scorer.policy.model import LRPolicyConfig
@@ -42,6 +44,10 @@ T = TypeVar("T")
 
 DECISIONS = Counter("tandem_scorer_decisions_total", "Scorer decisions, by outcome.", ["outcome"])
 REFITS = Counter("tandem_scorer_refits_total", "Model refits.")
+NOT_OWNER = Counter(
+    "tandem_scorer_not_owner_total", "Messages handed back: their project is decided by another replica."
+)
+EVICTED = Counter("tandem_scorer_models_evicted_total", "Project models dropped for being idle.")
 SLICE_FLAGS = Counter(
     "tandem_scorer_slice_flags_total", "Slices flagged by quality reports (their items get more audits)."
 )
@@ -58,6 +64,8 @@ CERTIFIED = Gauge(
     "tandem_scorer_certified_accuracy", "Certified accuracy (lower bound) of the last refit.", ["project"]
 )
 ESTIMATED = Gauge("tandem_scorer_estimated_accuracy", "Estimated accuracy of the last refit.", ["project"])
+# The accuracy alerts compare the two gauges above with this one.
+TARGET = Gauge("tandem_scorer_target_accuracy", "The project's target accuracy.", ["project"])
 
 
 def _now_ms() -> int:
@@ -90,6 +98,41 @@ class Scorer:
         # Disagreeing audits found when a model was rebuilt whose second opinion was never asked.
         self._unasked: dict[str, list[tuple[str, int]]] = {}
         self._wake = asyncio.Event()
+        # Message ids of refit decisions name the refit, whose counter starts again at 0 when a
+        # model is rebuilt: without this process's own id, JetStream's duplicate window would
+        # silently drop a restarted scorer's first decisions as repeats of the last run's.
+        self._epoch = uuid.uuid4().hex[:12]
+        self._leases = ProjectLeases(pool)
+        self._used: dict[str, float] = {}  # project → monotonic time its model was last used
+
+    async def _claim(self, project_id: str) -> None:
+        """Go on only where this replica decides the project (services/scorer/leases.py)."""
+        owned, lost = await self._leases.owns(project_id)
+        if lost:
+            # Another replica may have taken projects over meanwhile: their models here are stale.
+            self._models.clear()
+            self._dirty.clear()
+        if not owned:
+            NOT_OWNER.inc()
+            raise RetryableError(
+                f"project {project_id} is decided by another scorer replica",
+                delay=self._settings.not_owner_retry_seconds,
+            )
+        self._used[project_id] = time.monotonic()
+
+    async def _evict_idle(self) -> None:
+        """Drop the models of projects idle for idle_evict_seconds, and give their leases up."""
+        cutoff = time.monotonic() - self._settings.idle_evict_seconds
+        for project_id in [p for p, t in self._used.items() if t < cutoff and p not in self._dirty]:
+            async with self._lock(project_id):
+                self._models.pop(project_id, None)
+                self._used.pop(project_id, None)
+                await self._leases.release(project_id)
+            EVICTED.inc()
+            log.info("model of %s evicted after %.0f s idle", project_id, self._settings.idle_evict_seconds)
+
+    async def close(self) -> None:
+        await self._leases.close()
 
     def _lock(self, project_id: str) -> asyncio.Lock:
         return self._locks.setdefault(project_id, asyncio.Lock())
@@ -155,6 +198,7 @@ class Scorer:
         for p in batch.predictions:
             if len(p.probs) != k or not p.embedding:
                 raise PermanentError(f"prediction for {p.item_id} does not match the project's {k} labels")
+        await self._claim(project.project_id)
         async with self._lock(project.project_id):
             model = await self._model(project, label_emb, batch.model_id)
             await self._decide_new(project, model, batch, delivery.msg_id)
@@ -236,6 +280,7 @@ class Scorer:
         unknown = [lb.label for lb in settled if lb.label not in names]
         if unknown:
             raise PermanentError(f"labels {sorted(set(unknown))} are not in project {project.project_id!r}")
+        await self._claim(project.project_id)
         firsts = [lb for lb in settled if lb.reason not in SECOND_LOOKS]
         seconds = [lb for lb in settled if lb.reason in SECOND_LOOKS]
         async with self._lock(project.project_id):
@@ -345,6 +390,10 @@ class Scorer:
                         # A bug in one project's refit must not stop the others': the next label
                         # marks the project dirty again.
                         log.exception("refit of %s failed", project_id)
+            try:
+                await self._evict_idle()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.warning("evicting idle models failed; will retry", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.25)
 
@@ -358,7 +407,9 @@ class Scorer:
             REFITS.inc()
             unasked = self._unasked.pop(project_id, [])
             if unasked:
-                await self._ask_second_opinions(model, unasked, f"adjudicate:restart:{model.refits}")
+                await self._ask_second_opinions(
+                    model, unasked, f"adjudicate:restart:{self._epoch}:{model.refits}"
+                )
             spent = model.budget_spent()
             if spent and model.pending_labels:
                 # Labels of tasks leased before the budget ran out came in during the fit.
@@ -466,12 +517,17 @@ class Scorer:
             await repo.publish(
                 conn,
                 self._outgoing(
-                    project_id, f"refit:{project_id}:{model.refits}", tasks, finals, sorted(accepted_ids)
+                    project_id,
+                    f"refit:{project_id}:{self._epoch}:{model.refits}",
+                    tasks,
+                    finals,
+                    sorted(accepted_ids),
                 ),
             )
         self._relay.notify()
         CERTIFIED.labels(project_id).set(cert.lower_bound)
         ESTIMATED.labels(project_id).set(model.estimated_accuracy())
+        TARGET.labels(project_id).set(model.config.target_accuracy)
         WITHDRAWN.inc(len(accepted_ids))
         DECISIONS.labels("certified").inc(len(accepted_ids))
         DECISIONS.labels("audit").inc(sum(1 for e in result.proposed if e.audited))
@@ -531,7 +587,7 @@ class Scorer:
                 conn,
                 self._outgoing(
                     project.project_id,
-                    f"budget:{project.project_id}:{model.refits}",
+                    f"budget:{project.project_id}:{self._epoch}:{model.refits}",
                     [],
                     finals,
                     sorted(done),
@@ -550,7 +606,7 @@ class Scorer:
         await self._ask_second_opinions(
             model,
             [(s.item_id, s.label) for s in suspects],
-            f"second:{model.project.project_id}:{model.refits}",
+            f"second:{model.project.project_id}:{self._epoch}:{model.refits}",
             confidence={s.item_id: s.confidence for s in suspects},
         )
 
@@ -728,6 +784,9 @@ class Scorer:
             out.certificate_delta = cert.delta
             out.certified = cert.met
             out.estimated_accuracy = model.estimated_accuracy()
+            CERTIFIED.labels(project_id).set(out.certified_accuracy)
+            ESTIMATED.labels(project_id).set(out.estimated_accuracy)
+            TARGET.labels(project_id).set(out.target_accuracy)
             out.human_error_assumed = cert.human_error
             decided = c.auto + c.human + c.below_target
             out.human_share = c.human / decided if decided else 0.0

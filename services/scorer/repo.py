@@ -542,3 +542,19 @@ async def slice_flags(conn: asyncpg.Connection, project_id: str) -> list[asyncpg
         AUDITED_MORE,
     )
     return rows
+
+
+# Session advisory locks of the scorer's project leases (services/scorer/leases.py): a namespace
+# of their own beside the project's hashed id.
+_LEASE_NAMESPACE = "tandem.scorer.project"
+
+
+async def try_lease_project(conn: asyncpg.Connection, project_id: str) -> bool:
+    ok: bool = await conn.fetchval(
+        "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))", _LEASE_NAMESPACE, project_id
+    )
+    return ok
+
+
+async def release_project(conn: asyncpg.Connection, project_id: str) -> None:
+    await conn.fetchval("SELECT pg_advisory_unlock(hashtext($1), hashtext($2))", _LEASE_NAMESPACE, project_id)

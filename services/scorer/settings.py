@@ -25,6 +25,11 @@ class ScorerSettings(ServiceSettings):
     fewshot_per_label: int = Field(default=2, ge=0)
     fewshot_max_chars: int = Field(default=4000, ge=0)
     fewshot_pool: int = Field(default=2000, ge=1)
+    # A project's model not used for this long is dropped (and its lease given up): memory follows
+    # the active projects, and a model is rebuilt from PostgreSQL when its project wakes up.
+    idle_evict_seconds: float = Field(default=1800.0, gt=0)
+    # Back-off of a message whose project another replica decides (it reaches the owner later).
+    not_owner_retry_seconds: float = Field(default=1.0, gt=0)
 
     def policy(self) -> LRPolicyConfig:
         return LRPolicyConfig(min_human_labels=self.min_human_labels)
