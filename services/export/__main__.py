@@ -28,7 +28,9 @@ def main() -> None:
         # Export jobs run in this process; on stop they are cancelled and marked failed.
         rt.add_background(exports.run_jobs)
         # Quality reports: the slices they flag reach the scorer through this outbox.
-        reports = ReportServicer(rt.pool, rt.auth.view, projects, rt.add_outbox(SCHEMA), exports.snapshot)
+        reports = ReportServicer(
+            rt.pool, rt.auth.view, projects, rt.add_outbox(SCHEMA), exports.snapshot, exports.find
+        )
         export_pb2_grpc.add_ReportServiceServicer_to_server(reports, rt.grpc_server)
         stats_pb2_grpc.add_StatsServiceServicer_to_server(ExportStatsServicer(rt.pool), rt.grpc_server)
         rt.add_background(RetentionSweeper(rt.pool, settings).loop)

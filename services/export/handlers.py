@@ -307,7 +307,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     async def GetExport(
         self, request: export_pb2.GetExportRequest, context: Context
     ) -> export_pb2.ExportInfo:
-        row = await self._find(request.export_id, context)
+        row = await self.find(request.export_id, context)
         return _info(row)
 
     async def ListExports(
@@ -325,7 +325,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     async def StreamExport(
         self, request: export_pb2.StreamExportRequest, context: Context
     ) -> AsyncIterator[export_pb2.ExportChunk]:
-        row = await self._find(request.export_id, context)
+        row = await self.find(request.export_id, context)
         try:
             # A cancelled call cancels this wait; a deadline is kept by the wait itself.
             row = await asyncio.wait_for(self.wait_ready(row), timeout=context.time_remaining())
@@ -553,7 +553,8 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
         for chunk in _chunks(pieces, len(lines)):
             yield chunk
 
-    async def _find(self, export_id: str, context: Context) -> asyncpg.Record:
+    async def find(self, export_id: str, context: Context) -> asyncpg.Record:
+        """The export's row; INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED otherwise."""
         try:
             uuid.UUID(export_id)
         except ValueError:

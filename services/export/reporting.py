@@ -22,7 +22,7 @@ import asyncpg
 import grpc
 from prometheus_client import Counter, Histogram
 
-from services.common.auth import IdentityView, require_project
+from services.common.auth import IdentityView
 from services.common.bus.outbox import OutboxRelay, Outgoing, enqueue
 from services.common.errors import UnknownProject
 from services.common.grpc_context import Context
@@ -51,7 +51,8 @@ _CHUNK_ROWS = 2000
 _CHUNKS_AHEAD = 4
 _END: list[dict[str, Any]] = []
 
-Snapshot = Callable[[str], Awaitable[str]]
+Snapshot = Callable[[str], Awaitable[str]]  # project id → a fresh snapshot's id, once ready
+Find = Callable[[str, Context], Awaitable[asyncpg.Record]]  # export id → its row, access checked
 
 
 def _flags(report: QualityReport) -> list[tuple[str, str, list[str]]]:
@@ -95,12 +96,14 @@ class ReportServicer(export_pb2_grpc.ReportServiceServicer):
         projects: ProjectDirectory,
         relay: OutboxRelay,
         snapshot: Snapshot,
+        find: Find,
     ) -> None:
         self._pool = pool
         self._view = view
         self._projects = projects
         self._relay = relay
         self._snapshot = snapshot
+        self._find = find
 
     async def GetReport(self, request: export_pb2.GetReportRequest, context: Context) -> export_pb2.Report:
         fields = [f.strip() for f in request.slice_fields]
@@ -121,15 +124,9 @@ class ReportServicer(export_pb2_grpc.ReportServiceServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"the snapshot to report on failed: {exc}"
             )
-        try:
-            uuid.UUID(export_id)
-        except ValueError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{export_id!r} is not an export id")
-        async with self._pool.acquire() as conn:
-            row = await repo.get_export(conn, export_id)
-        if row is None or row["project_id"] != request.project_id:
+        row = await self._find(export_id, context)
+        if row["project_id"] != request.project_id:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no export {export_id} of {request.project_id}")
-        await require_project(context, request.project_id, self._view)
         if row["state"] != READY:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,

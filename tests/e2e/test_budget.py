@@ -15,8 +15,8 @@ from services.cli.stack import Stack
 from services.cli.workforce import Workforce, WorkforceConfig
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
+from tests.e2e.conftest import SCORER_ENV
 from tests.e2e.corpus import LABELS, make_corpus
-from tests.e2e.test_loop import SCORER_ENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

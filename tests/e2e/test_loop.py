@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -24,23 +24,6 @@ from tests.e2e.corpus import LABELS, make_corpus
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 PROJECT = "e2e-topics"
-# Small pools: the scorer must reach its auto-accept threshold within a test-sized corpus.
-SCORER_ENV = {
-    "TANDEM_SCORER_MIN_HUMAN_LABELS": "12",
-    "TANDEM_SCORER_REFIT_EVERY": "4",
-    "TANDEM_SCORER_REFIT_SECONDS": "0.5",
-    "TANDEM_DRAIN_SECONDS": "5",
-}
-
-
-@pytest.fixture
-async def stack(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterator[Stack]:
-    s = Stack(tmp_path / "state", nats_url=nats_url, database_url=database_url, extra_env=SCORER_ENV)
-    await asyncio.to_thread(s.start)
-    try:
-        yield s
-    finally:
-        await asyncio.to_thread(s.stop)
 
 
 def _raw(row: dict[str, str], **extra: object) -> ingest_pb2.RawItem:
