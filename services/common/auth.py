@@ -18,6 +18,7 @@ Handlers read the caller with `caller()`; what the interceptor cannot see from t
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import secrets
@@ -35,6 +36,7 @@ from nats.js.kv import KeyValue
 
 from services.common.bus.topology import IDENTITY_BUCKET, PROJECTS_BUCKET
 from services.common.grpc_context import Context
+from services.common.grpc_wrap import wrap
 from services.gen.tandem.identity.v1 import identity_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
 
@@ -309,11 +311,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         token = _bearer(handler_call_details.invocation_metadata or ())
 
-        async def check(request: Any, context: Context) -> None:
+        @contextlib.asynccontextmanager
+        async def check(request: Any, context: Context) -> AsyncIterator[None]:
             principal = await self._authorize(method, rule, token, request, context)
             _CALLER.set(principal)
+            yield
 
-        return _wrap(handler, check)
+        return wrap(handler, check)
 
     async def _authorize(
         self, method: str, rule: Rule | None, token: str | None, request: Any, context: Context
@@ -366,49 +370,6 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
             if scheme.lower() == "bearer" and credential:
                 return credential.strip()
     return None
-
-
-Check = Callable[[Any, Context], Awaitable[None]]
-
-
-def _wrap(handler: Any, check: Check) -> Any:
-    """The same handler with the check run first, inside the call's own task (so the caller set
-    in the context variable is the handler's)."""
-    des, ser = handler.request_deserializer, handler.response_serializer
-    if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: Context) -> Any:
-            await check(request, context)
-            return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
-    if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            await check(request, context)
-            async for response in inner_us(request, context):
-                yield response
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
-    if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: Context) -> Any:
-            await check(None, context)
-            return await inner_su(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
-    inner_ss = handler.stream_stream
-    assert inner_ss is not None
-
-    async def stream_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
-        await check(None, context)
-        async for response in inner_ss(requests, context):
-            yield response
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
 
 
 class _Bearer:

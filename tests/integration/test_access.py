@@ -5,6 +5,7 @@ or a disabled user stops working on the very next call."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,14 @@ async def test_every_service_refuses_calls_without_a_valid_token(world: World) -
     async with grpc.aio.insecure_channel(world.stack.targets["review"]) as ch:
         answer = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    # Every call is measured with its method and status code, the refused ones too.
+    url = f"http://127.0.0.1:{world.stack.processes['ingest'].http_port}/metrics"
+    metrics = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
+    method = "/tandem.ingest.v1.IngestService"
+    assert f'tandem_grpc_requests_total{{code="OK",method="{method}/CreateProject"}} 1.0' in metrics
+    assert f'tandem_grpc_requests_total{{code="UNAUTHENTICATED",method="{method}/GetProject"}} 2.0' in metrics
+    assert f'tandem_grpc_request_seconds_count{{method="{method}/GetProject"}} 2.0' in metrics
 
 
 async def test_roles_and_memberships_are_enforced_by_every_service(world: World) -> None:
