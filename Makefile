@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 GEN := services/gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: help install proto run up test lint typecheck unit integration e2e clean test-vllm vllm-install tiny-model test-ui chromium screens
+.PHONY: help install proto run up test lint typecheck unit integration e2e clean test-vllm vllm-install tiny-model test-ui test-faults chromium screens
 
 help:
 	@echo "make run    - install, start the whole stack locally and run the BBC News demo"
@@ -55,7 +55,7 @@ typecheck: install
 
 # The vLLM tier runs in its own venv (`make test-vllm`), so this one never collects it.
 test: lint typecheck
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm and not ui" --ignore=tests/vllm --ignore=tests/ui tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm and not ui and not faults" --ignore=tests/vllm --ignore=tests/ui --ignore=tests/faults tests
 
 # --- the browser tier: the web app in Debian's Chromium, driven by Playwright --------------------
 # Playwright's own browser download needs the internet; the distribution's Chromium does not.
@@ -71,6 +71,10 @@ chromium:
 
 test-ui: install chromium
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m ui tests/ui
+
+# The fault tier: kill -9 of each service, a nats-server restart, PostgreSQL away for a minute.
+test-faults: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m faults tests/faults
 
 # The browser tier, writing its screenshots to docs/screens (the README shows them).
 screens: install chromium

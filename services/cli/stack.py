@@ -85,7 +85,12 @@ def pid_alive(pid: int) -> bool:
 
 
 class LocalNats:
-    """nats-server with JetStream on 127.0.0.1 and a port of its own choosing."""
+    """nats-server with JetStream on 127.0.0.1 and a port of its own choosing.
+
+    The port chosen on the first start is kept: a stop() and start() again (the fault tests'
+    server restart) come back on the same URL with the same JetStream store, so clients that
+    reconnect to that URL find it again.
+    """
 
     def __init__(self, directory: Path, *, start_timeout: float = 15.0) -> None:
         self.directory = Path(directory)
@@ -93,6 +98,7 @@ class LocalNats:
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
+        self._port: int | None = None
 
     @staticmethod
     def binary() -> Path:
@@ -116,7 +122,8 @@ class LocalNats:
     def start(self) -> Self:
         binary = self.binary()
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = [str(binary), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(self.directory / "jetstream")]
+        port = "-1" if self._port is None else str(self._port)
+        args = [str(binary), "-a", "127.0.0.1", "-p", port, "-js", "-sd", str(self.directory / "jetstream")]
         # Truncated per start: the port is read from this run's lines only.
         with self.log_path.open("wb") as out:
             self._proc = subprocess.Popen(
@@ -130,6 +137,7 @@ class LocalNats:
         except BaseException:
             self.stop()
             raise
+        self._port = urlsplit(self._url).port
         log.info("nats-server ready at %s (pid %d)", self._url, self._proc.pid)
         return self
 

@@ -31,7 +31,7 @@ from services.common.bus.topology import ConsumerSpec, apply_topology
 from services.common.bus.worker import Handler, Worker
 from services.common.db import create_pool, migrate
 from services.common.errors import FatalError
-from services.common.grpc_metrics import MetricsInterceptor
+from services.common.grpc_calls import CallInterceptor
 from services.common.http import Health, OpsServer
 from services.common.logs import configure_logging
 from services.common.settings import CommonSettings, ServiceSettings
@@ -54,9 +54,10 @@ class Runtime:
         self.grpc_health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         # Every call is authenticated and authorized before its handler runs (health excepted).
         self.auth = AuthInterceptor()
-        # Measured first, so a call the auth check refuses is counted with its code.
+        # Measured first, so a call the auth check refuses is counted with its code (and an outage
+        # met by the auth check's own reads is answered UNAVAILABLE too).
         self.grpc_server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(), self.auth],
+            interceptors=[CallInterceptor(), self.auth],
             options=[("grpc.max_receive_message_length", 64 << 20)],
         )
         self.workers: list[Worker] = []

@@ -1,9 +1,15 @@
-"""Prometheus metrics of every gRPC call a service answers: count by method and status code,
-and latency by method. Methods are a bounded set (those in proto/); no request content is a label."""
+"""What every gRPC call a service answers goes through besides the auth check.
+
+- Metrics: count by method and status code, latency by method. Methods are a bounded set (those
+  in proto/); no request content is a label.
+- A database or bus outage (services/common/errors.is_transient: PostgreSQL unreachable or
+  restarting, NATS timeouts) is answered UNAVAILABLE, the code clients retry, instead of UNKNOWN.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -11,8 +17,11 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
+from services.common.errors import is_transient
 from services.common.grpc_context import Context
 from services.common.grpc_wrap import wrap
+
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter(
     "tandem_grpc_requests_total", "gRPC calls answered, by method and status code.", ["method", "code"]
@@ -35,7 +44,7 @@ def _code(context: Context, failed: BaseException | None) -> str:
     return (grpc.StatusCode.UNKNOWN if isinstance(failed, Exception) else grpc.StatusCode.CANCELLED).name
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -51,7 +60,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             started = time.perf_counter()
             failed: BaseException | None = None
             try:
-                yield
+                try:
+                    yield
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    log.warning("%s: %s, answered UNAVAILABLE", method, type(exc).__name__)
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "a dependency is unavailable; retry shortly"
+                    )
             except BaseException as exc:
                 failed = exc
                 raise
