@@ -9,6 +9,13 @@ server would leak streams and consumers between tests) and its own database.
 
 from __future__ import annotations
 
+import os
+
+# The tests start servers with subprocesses from a process whose gRPC threads are running (pgserver
+# forks to run pg_ctl as its own user): gRPC's fork handlers are not wanted there (a child once
+# died in them), and nothing forked here uses gRPC. Read when grpc is first imported, so first.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import asyncio
 import shutil
 import tempfile
