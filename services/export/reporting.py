@@ -9,6 +9,7 @@ says since when a slice is audited more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -49,7 +50,8 @@ MAX_SLICE_FIELDS = 10
 # Rows handed to the report's thread at a time, and chunks in flight: bounded memory.
 _CHUNK_ROWS = 2000
 _CHUNKS_AHEAD = 4
-_END: list[dict[str, Any]] = []
+_END: list[dict[str, Any]] = []  # sentinels, told apart by identity
+_FAILED: list[dict[str, Any]] = []
 
 Snapshot = Callable[[str], Awaitable[str]]  # project id → a fresh snapshot's id, once ready
 Find = Callable[[str, Context], Awaitable[asyncpg.Record]]  # export id → its row, access checked
@@ -72,19 +74,29 @@ def _flags(report: QualityReport) -> list[tuple[str, str, list[str]]]:
 
 
 async def _rows_into(q: queue.Queue[list[dict[str, Any]]], lines: AsyncIterator[str]) -> None:
-    """Feed parsed rows to the report's thread in chunks; the queue's bound is the back-pressure."""
-    chunk: list[dict[str, Any]] = []
-    async for line in lines:
-        chunk.append(json.loads(line))
-        if len(chunk) >= _CHUNK_ROWS:
-            await asyncio.to_thread(q.put, chunk)
-            chunk = []
-    await asyncio.to_thread(q.put, chunk)
-    await asyncio.to_thread(q.put, _END)
+    """Feed parsed rows to the report's thread in chunks; the queue's bound is the back-pressure.
+    The thread always gets an end: _END after the last row, _FAILED when reading stopped short (a
+    report is never made of the rows read so far)."""
+    ended = _FAILED
+    try:
+        chunk: list[dict[str, Any]] = []
+        async for line in lines:
+            chunk.append(json.loads(line))
+            if len(chunk) >= _CHUNK_ROWS:
+                await asyncio.to_thread(q.put, chunk)
+                chunk = []
+        await asyncio.to_thread(q.put, chunk)
+        ended = _END
+    finally:
+        # Bounded: a thread that already stopped (its report raised) takes nothing any more.
+        with contextlib.suppress(queue.Full):
+            await asyncio.to_thread(q.put, ended, True, 30.0)
 
 
 def _drain(q: queue.Queue[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
     while (chunk := q.get()) is not _END:
+        if chunk is _FAILED:
+            raise RuntimeError("the snapshot's rows could not be read to their end")
         yield from chunk
 
 
