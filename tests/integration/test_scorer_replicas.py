@@ -16,7 +16,7 @@ from services.cli.client import Clients
 from services.cli.stack import ServiceProcess, Stack
 from tests.integration.test_scorer import ENV, World, _eventually, _predict, _project
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PROJECTS = ("rep-a", "rep-b", "rep-c", "rep-d")
 PER_BATCH = 20
@@ -84,7 +84,7 @@ async def test_each_project_has_one_scorer_and_a_killed_one_hands_over(
         for name in PROJECTS:
             await _predict(stack, world, name, world.labeled(PER_BATCH, truth))
     for name in PROJECTS:
-        await _eventually(_has(database_url, name, 3 * PER_BATCH), f"{name} decided", within=90)
+        await _eventually(_has(database_url, name, 3 * PER_BATCH), f"{name} decided", within=240)
 
     a, b = _deciders(first.log_path), _deciders(second.log_path)
     assert a | b == set(PROJECTS)
@@ -94,7 +94,7 @@ async def test_each_project_has_one_scorer_and_a_killed_one_hands_over(
     owner, survivor = (first, second) if "rep-a" in a else (second, first)
     owner.kill()
     await _predict(stack, world, "rep-a", world.labeled(PER_BATCH, truth))
-    await _eventually(_has(database_url, "rep-a", 4 * PER_BATCH), "rep-a after the kill", within=90)
+    await _eventually(_has(database_url, "rep-a", 4 * PER_BATCH), "rep-a after the kill", within=240)
     assert "rep-a" in _deciders(survivor.log_path)
 
 
