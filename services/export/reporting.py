@@ -28,6 +28,7 @@ from services.common.bus.outbox import OutboxRelay, Outgoing, enqueue
 from services.common.errors import UnknownProject
 from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory
+from services.common.slices import ACCURACY_BELOW_TARGET, AUDITED_MORE, DISTRIBUTION_DRIFT
 from services.export import repo
 from services.export.handlers import ExportFailed
 from services.export.report import QualityReport, build_report
@@ -63,8 +64,8 @@ def _flags(report: QualityReport) -> list[tuple[str, str, list[str]]]:
         reasons = [
             r
             for r, on in (
-                ("accuracy_below_target", s.accuracy_below_target),
-                ("distribution_drift", s.distribution_drift),
+                (ACCURACY_BELOW_TARGET, s.accuracy_below_target),
+                (DISTRIBUTION_DRIFT, s.distribution_drift),
             )
             if on
         ]
@@ -203,9 +204,8 @@ class ReportServicer(export_pb2_grpc.ReportServiceServicer):
             flagged=[quality_pb2.FlaggedSlice(field=f, value=v, reasons=r) for f, v, r in flagged],
             reported_unix_ms=int(time.time() * 1000),
         )
-        # The scorer audits more where accuracy is in doubt (see AUDITED_MORE there); drift alone
-        # is reported, not acted on: a domain's labels differ from the whole by nature.
-        audited_more = [(f, v, r) for f, v, r in flagged if "accuracy_below_target" in r]
+        # Kept for "audited more since": the slices the scorer acts on (services/common/slices.py).
+        audited_more = [(f, v, r) for f, v, r in flagged if AUDITED_MORE in r]
         async with self._pool.acquire() as conn, conn.transaction():
             since = await repo.replace_slice_flags(conn, project_id, fields, audited_more)
             await enqueue(conn, repo.SCHEMA, [Outgoing(f"report:{report_id}", message)])

@@ -11,12 +11,9 @@ import asyncpg
 import numpy as np
 
 from services.common.bus.outbox import Outgoing, enqueue
+from services.common.slices import AUDITED_MORE
 
 SCHEMA = "scorer"
-# The flag whose slices are audited more. A label distribution that drifts from the whole may be
-# the nature of the slice (a domain has its own intents), not an error: more audits measure
-# accuracy, so they follow the accuracy flag.
-AUDITED_MORE = "accuracy_below_target"
 
 
 @dataclass(frozen=True)
@@ -378,10 +375,11 @@ async def waiting_for_people(
     rows = await conn.fetch(
         "SELECT item_id, external_id, text, embedding, zero_shot, priority,"
         " EXISTS (SELECT 1 FROM scorer.slice_flags f WHERE f.project_id = i.project_id"
-        f"  AND i.metadata->>f.field = f.value AND '{AUDITED_MORE}' = ANY(f.reasons)) AS flagged"
+        "  AND i.metadata->>f.field = f.value AND $3 = ANY(f.reasons)) AS flagged"
         " FROM scorer.items i WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
         project_id,
         excluded,
+        AUDITED_MORE,
     )
     return [
         Waiting(
