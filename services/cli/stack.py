@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -50,8 +51,42 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A port free right now; only for servers that cannot report the port they bound."""
+    """A port free right now; only for servers that cannot report the port they bound.
+
+    Picked below the kernel's ephemeral range: a port from that range can be taken by any
+    outgoing connection (another service's NATS client, say) between this check and the
+    server's bind, which is how a stack once failed to start. Ports handed out by this process
+    are not handed out again.
+    """
+    rng = random.SystemRandom()
+    high = _ephemeral_low()
+    for _ in range(200) if high > _LOWEST_PORT else ():
+        port = rng.randrange(_LOWEST_PORT, high)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
