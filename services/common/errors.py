@@ -38,9 +38,12 @@ class TandemError(Exception):
 class RetryableError(TandemError):
     """A transient failure (database or bus unavailable, lock timeout)."""
 
-    def __init__(self, message: str, *, delay: float = 1.0) -> None:
+    def __init__(self, message: str, *, delay: float = 1.0, backoff: bool = True) -> None:
         super().__init__(message)
         self.delay = delay
+        # False: nothing is failing, the message is for someone else (a project another scorer
+        # replica decides), so every retry waits `delay` instead of doubling towards a minute.
+        self.backoff = backoff
 
 
 class PermanentError(TandemError):
@@ -71,6 +74,9 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,  # 40001
     asyncpg.exceptions.DeadlockDetectedError,  # 40P01
     asyncpg.exceptions.LockNotAvailableError,  # 55P03
+    # The server went away in the middle of a statement: the connection's protocol is left in a
+    # state no later call can use ("cannot switch to state 11; another operation is in progress").
+    asyncpg.exceptions.InternalClientError,
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,

@@ -18,7 +18,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.auth import IdentityView, require_project
 from services.common.bus.worker import Delivery
-from services.common.errors import PermanentError
+from services.common.errors import PermanentError, is_transient
 from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory
 from services.export import formats, repo, service
@@ -592,7 +592,9 @@ class RetentionSweeper:
         while not stop.is_set():
             try:
                 await self.sweep()
-            except (OSError, asyncpg.PostgresError):
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 log.warning("export retention sweep failed; retrying", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._settings.sweep_seconds)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from services.common.errors import is_transient
 from services.common.projects import ProjectDirectory
 from services.review import aggregation, repo, workforce_repo
 from services.review.aggregation import Judgment
@@ -117,7 +118,9 @@ class ConsensusKeeper:
                             "project %s: %d aggregated labels changed after a refit", project_id, len(changed)
                         )
                         await self._on_changed(project_id, changed)
-                except (OSError, asyncpg.PostgresError):
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
                     log.warning("aggregation refit of %s failed; retrying", project_id, exc_info=True)
                     self.touched(project_id)
             with contextlib.suppress(TimeoutError):

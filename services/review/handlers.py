@@ -19,6 +19,7 @@ from prometheus_client import Counter, Gauge
 from services.common.auth import caller
 from services.common.bus.outbox import OutboxRelay, Outgoing
 from services.common.bus.worker import Delivery
+from services.common.errors import is_transient
 from services.common.grpc_context import Context
 from services.common.projects import ProjectDirectory, ProjectSpec
 from services.gen.tandem.items.v1 import items_pb2
@@ -436,7 +437,9 @@ class ReviewDesk:
                         requeued,
                         withdrawn,
                     )
-            except (OSError, asyncpg.PostgresError):
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 log.warning("lease sweep failed; retrying", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._settings.lease_sweep_seconds)

@@ -12,6 +12,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from services.common.bus.contracts import decode
+from services.common.bus.worker import retry_delay
 from services.common.errors import (
     FatalError,
     PermanentError,
@@ -38,6 +39,7 @@ TRANSIENT: list[BaseException] = [
     pg.DeadlockDetectedError("deadlock detected"),
     pg.LockNotAvailableError("could not obtain lock on row"),
     pg.InterfaceError("connection is closed"),
+    pg.InternalClientError("cannot switch to state 11; another operation (2) is in progress"),
     # The socket under either client.
     ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
     ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
@@ -125,3 +127,10 @@ async def test_a_refused_connection_is_transient() -> None:
 def test_fatal_is_not_classified_as_permanent() -> None:
     # The worker handles FatalError before it classifies; here it only must not read as bad input.
     assert classify(FatalError("engine died")) == "retryable"
+
+
+def test_retries_double_up_to_a_minute_but_a_message_for_another_replica_waits_flat() -> None:
+    assert [retry_delay(RuntimeError("bug"), n, 1.0, 60.0) for n in (1, 2, 3, 8)] == [1.0, 2.0, 4.0, 60.0]
+    assert [retry_delay(RetryableError("db", delay=0.5), n, 1.0, 60.0) for n in (1, 3)] == [0.5, 2.0]
+    elsewhere = RetryableError("another replica decides it", delay=1.0, backoff=False)
+    assert [retry_delay(elsewhere, n, 1.0, 60.0) for n in (1, 5, 19)] == [1.0, 1.0, 1.0]

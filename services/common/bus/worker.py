@@ -79,6 +79,15 @@ def _items_in(message: Message) -> int:
     return 1
 
 
+def retry_delay(exc: BaseException, num_delivered: int, base: float, cap: float) -> float:
+    """Seconds before a failed message comes back: doubling from the error's own delay (or
+    `base`) with each delivery, up to `cap`; flat for a RetryableError without back-off."""
+    first = exc.delay if isinstance(exc, RetryableError) else base
+    if isinstance(exc, RetryableError) and not exc.backoff:
+        return min(first, cap)
+    return min(first * 2.0 ** (num_delivered - 1), cap)
+
+
 class Worker:
     def __init__(
         self,
@@ -219,8 +228,7 @@ class Worker:
                 # Retryable and unforeseen alike: back off, never lose the message. Only an
                 # unforeseen error earns a traceback; a known blip is expected now and then.
                 outcome = "nak"
-                base = exc.delay if isinstance(exc, RetryableError) else self._base_retry_delay
-                delay = min(base * 2 ** (meta.num_delivered - 1), self._max_retry_delay)
+                delay = retry_delay(exc, meta.num_delivered, self._base_retry_delay, self._max_retry_delay)
                 expected = is_transient(exc)
                 log.log(
                     logging.WARNING if expected else logging.ERROR,
