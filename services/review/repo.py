@@ -213,16 +213,21 @@ async def pool_load(conn: asyncpg.Connection, pool_id: str) -> tuple[int, int] |
 # not one with an OR: the planner estimates those right and keeps walking the queue index in
 # priority order; with the OR it took the test for nearly always false and, at 1M open tasks,
 # switched to a plan that read and sorted every open task (5 s a claim instead of 2 ms).
-_ELIGIBLE = (
-    " AND t0.round >= $5"
-    " AND t0.skills <@ $8::text[]"
-    " AND NOT EXISTS (SELECT 1 FROM review.tasks p JOIN review.annotations a ON a.task_id = p.task_id"
-    "  WHERE p.item_id = t0.item_id AND a.annotator_id = $3)"
-    " AND NOT EXISTS (SELECT 1 FROM review.tasks p WHERE p.item_id = t0.item_id AND p.state = 'leased'"
-    "  AND p.lease_owner = $3)"
-    " AND ($6 OR NOT EXISTS (SELECT 1 FROM review.skips s WHERE s.task_id = t0.task_id"
-    "  AND s.annotator_id = $3))"
-)
+def _eligible(person: str, min_round: str, include_skipped: str, skills: str) -> str:
+    """The filter on open tasks `t0` a person may take, on the given query parameters."""
+    return (
+        f" AND t0.round >= {min_round}"
+        f" AND t0.skills <@ {skills}::text[]"
+        " AND NOT EXISTS (SELECT 1 FROM review.tasks p JOIN review.annotations a ON a.task_id = p.task_id"
+        f"  WHERE p.item_id = t0.item_id AND a.annotator_id = {person})"
+        " AND NOT EXISTS (SELECT 1 FROM review.tasks p WHERE p.item_id = t0.item_id AND p.state = 'leased'"
+        f"  AND p.lease_owner = {person})"
+        f" AND ({include_skipped} OR NOT EXISTS (SELECT 1 FROM review.skips s WHERE s.task_id = t0.task_id"
+        f"  AND s.annotator_id = {person}))"
+    )
+
+
+_ELIGIBLE = _eligible("$3", "$5", "$6", "$8")
 # The lease, and the person's count of tasks served on the project (the gold schedule), in the
 # same statement: one round trip less on every claim.
 _LEASE = (
@@ -270,15 +275,17 @@ async def claim_next(
         )
         if row is not None:
             return _task(row)
-    row = await conn.fetchrow(
-        "WITH next AS (SELECT t0.task_id FROM review.tasks t0 WHERE t0.project_id = $1"
-        " AND t0.state = 'open' AND t0.pool_id = $9"
-        + _ELIGIBLE
-        + " ORDER BY t0.priority DESC, t0.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
-        + _LEASE,
-        *args,
-        queue,
-    )
+    head = " FROM review.tasks t0 WHERE t0.project_id = $1 AND t0.state = 'open' AND t0.pool_id = "
+    order = " ORDER BY t0.priority DESC, t0.created_at LIMIT 1 FOR UPDATE"
+    lease = "WITH next AS (SELECT t0.task_id" + head + "$9" + _ELIGIBLE + order + " SKIP LOCKED)" + _LEASE
+    row = await conn.fetchrow(lease, *args, queue)
+    locked = "SELECT t0.task_id" + head + "$2" + _eligible("$3", "$4", "$5", "$6") + order
+    if row is None and await conn.fetchval(locked, project_id, queue, *(args[i] for i in (2, 4, 5, 7))):
+        # Skipping locked rows keeps concurrent claims off each other's head task, but a re-rank
+        # locks every open task it moves until it commits: the queue would look empty to a person
+        # while tasks wait. Waited for (the row it locks is this transaction's, so not skipped),
+        # the queue is read again in the order the re-rank set.
+        row = await conn.fetchrow(lease, *args, queue)
     return _task(row) if row is not None else None
 
 

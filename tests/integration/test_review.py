@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
+import asyncpg
 import grpc
 import nats
 import pytest
@@ -26,6 +27,7 @@ from services.gen.tandem.review.v1 import review_pb2
 from services.gen.tandem.stats.v1 import stats_pb2, stats_pb2_grpc
 from services.gen.tandem.tasks.v1 import tasks_pb2
 from services.identity.bucket import IdentityBucket
+from services.review import repo
 from services.review.repo import task_id
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -278,6 +280,33 @@ async def test_expired_and_skipped_leases_return_to_the_queue(review: Review) ->
 
     await fast.review.SkipTask(review_pb2.SkipTaskRequest(task_id=again.task_id, lease_id=again.lease_id))
     assert (await _next(third)).item_id == ids[0]
+
+
+async def _served(call: Awaitable[review_pb2.Task]) -> review_pb2.Task:
+    return await call
+
+
+async def test_a_re_rank_in_progress_does_not_empty_the_queue(review: Review) -> None:
+    ann, _ = await review.person("ann")
+    ids, batch = _tasks(0.5, 0.4)
+    await review.publish(batch)
+    await review.stats_until(lambda s: s.open == 2)
+    conn = await asyncpg.connect(review.stack.database_url)
+    try:
+        # A re-rank of every open task, not yet committed, holds their row locks…
+        rerank = conn.transaction()
+        await rerank.start()
+        await repo.upsert_tasks(conn, [], [repo.Rerank(ids[0], 0.1, ""), repo.Rerank(ids[1], 0.9, "")])
+        claim = asyncio.ensure_future(
+            _served(ann.review.NextTask(review_pb2.NextTaskRequest(project_id="rv"), timeout=10))
+        )
+        await asyncio.sleep(0.5)
+        await rerank.commit()
+        # …and the person waits for it instead of hearing that nothing is waiting; served by the
+        # order it set.
+        assert (await claim).item_id == ids[1]
+    finally:
+        await conn.close()
 
 
 async def test_withdrawal_removes_open_tasks_but_not_leased_ones(review: Review) -> None:
