@@ -18,6 +18,10 @@ from services.inference.settings import InferenceSettings
 
 
 def build_backend(settings: InferenceSettings, demos: DemoSource | None = None) -> LLMBackend:
+    if settings.backend == "replay":
+        from services.inference.replay_backend import ReplayBackend
+
+        return ReplayBackend()
     cpu = CpuBackend(
         torch_threads=settings.torch_threads, batch_size=settings.batch_size, temperature=settings.temperature
     )
@@ -81,7 +85,9 @@ def main() -> None:
         await backend.start()
         rt.add_closer(backend.close)
         projects = ProjectDirectory(rt.js)
-        handler = PrelabelHandler(backend, projects, rt.js, settings.heartbeat_seconds)
+        handler = PrelabelHandler(
+            backend, projects, rt.js, settings.heartbeat_seconds, max_bytes=settings.publish_max_bytes
+        )
         # One message at a time: a batch already keeps the model busy for seconds (and the LLM
         # backends submit all its items at once).
         rt.add_worker(INFERENCE, handler, fetch_batch=1)

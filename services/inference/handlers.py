@@ -36,10 +36,38 @@ GENERATED = Counter("tandem_inference_generated_examples_total", "Synthetic exam
 MAX_GENERATE = 256
 
 
+def split_by_size(
+    head: predictions_pb2.PredictionBatch, predictions: list[predictions_pb2.Prediction], max_bytes: int
+) -> list[predictions_pb2.PredictionBatch]:
+    """The predictions of one input batch in messages of at most about `max_bytes` each (every one
+    with the head's fields): embeddings make a prediction several times its item's size, so an input
+    batch that fits NATS' payload limit may not fit it once labeled."""
+    parts: list[predictions_pb2.PredictionBatch] = []
+    budget = max_bytes - head.ByteSize()
+    out, size = None, 0
+    for prediction in predictions:
+        # A repeated field costs its bytes plus a tag and a length prefix (at most 1 + 5 bytes).
+        cost = prediction.ByteSize() + 6
+        if out is None or (size + cost > budget and len(out.predictions) > 0):
+            out = predictions_pb2.PredictionBatch()
+            out.CopyFrom(head)
+            parts.append(out)
+            size = 0
+        out.predictions.append(prediction)
+        size += cost
+    return parts
+
+
 class PrelabelHandler:
     def __init__(
-        self, backend: LLMBackend, projects: ProjectDirectory, js: JetStreamContext, heartbeat_seconds: float
+        self,
+        backend: LLMBackend,
+        projects: ProjectDirectory,
+        js: JetStreamContext,
+        heartbeat_seconds: float,
+        max_bytes: int = 900 * 1024,
     ) -> None:
+        self._max_bytes = max_bytes
         self._backend = backend
         self._projects = projects
         self._js = js
@@ -60,7 +88,7 @@ class PrelabelHandler:
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
         SECONDS.observe(time.perf_counter() - started)
-        out = predictions_pb2.PredictionBatch(
+        head = predictions_pb2.PredictionBatch(
             batch_id=batch.batch_id,
             project_id=batch.project_id,
             model_id=self._backend.model_id,
@@ -68,9 +96,10 @@ class PrelabelHandler:
             predicted_unix_ms=int(time.time() * 1000),
         )
         if result.label_embeddings is not None:
-            out.label_embeddings.extend(result.label_embeddings.ravel().tolist())
+            head.label_embeddings.extend(result.label_embeddings.ravel().tolist())
+        predictions = []
         for i, item in enumerate(batch.items):
-            prediction = out.predictions.add(
+            prediction = predictions_pb2.Prediction(
                 item_id=item.item_id,
                 external_id=item.external_id,
                 text=item.text,
@@ -80,16 +109,18 @@ class PrelabelHandler:
             prediction.probs.extend(result.probs[i].tolist())
             if result.embeddings is not None:
                 prediction.embedding.extend(result.embeddings[i].tolist())
-        try:
-            # The id is derived from the input batch: a redelivered batch publishes a duplicate that
-            # JetStream drops inside its duplicate window.
-            await self._js.publish(
-                str(Subject.PREDICTIONS_PRELABELED),
-                out.SerializeToString(),
-                headers={"Nats-Msg-Id": f"pred:{batch.batch_id}"},
-            )
-        except Exception as exc:
-            raise RetryableError(f"cannot publish predictions: {exc}") from exc
+            predictions.append(prediction)
+        for part, out in enumerate(split_by_size(head, predictions, self._max_bytes)):
+            try:
+                # The id is derived from the input batch: a redelivered batch publishes duplicates
+                # that JetStream drops inside its duplicate window.
+                await self._js.publish(
+                    str(Subject.PREDICTIONS_PRELABELED),
+                    out.SerializeToString(),
+                    headers={"Nats-Msg-Id": f"pred:{batch.batch_id}" + (f":{part}" if part else "")},
+                )
+            except Exception as exc:
+                raise RetryableError(f"cannot publish predictions: {exc}") from exc
         ITEMS.inc(len(batch.items))
 
     async def _heartbeat(self, delivery: Delivery) -> None:

@@ -16,8 +16,12 @@ class InferenceSettings(ServiceSettings):
 
     grpc_port: int = Field(default=50052, ge=0, le=65535)
     http_port: int = Field(default=8082, ge=0, le=65535)
-    backend: Literal["cpu", "vllm", "openai"] = "cpu"
+    # replay: hashed distributions and embeddings, for load tests only (services/inference/replay_backend.py).
+    backend: Literal["cpu", "vllm", "openai", "replay"] = "cpu"
     heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # Predictions of one input batch are split into messages of at most this size (NATS' default
+    # max payload is 1 MiB; embeddings make a labeled batch several times its input's size).
+    publish_max_bytes: int = Field(default=900 * 1024, ge=16 * 1024)
 
     # -- cpu: the MiniLM zero-shot labeler (also the embedder of the other backends) ---------
     # One torch thread: on small shared machines more threads contend and run slower.

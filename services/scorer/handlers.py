@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import asyncpg
 import numpy as np
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.bus.outbox import OutboxRelay, Outgoing
 from services.common.bus.worker import Delivery
@@ -37,6 +37,7 @@ from services.scorer.policy.proposals import ACCEPTED, REJECTED, Entry
 from services.scorer.policy.routing import AUDIT_PRIORITY, HANDED_BACK_PRIORITY
 from services.scorer.service import ProjectModel, Rescored
 from services.scorer.settings import ScorerSettings
+from services.scorer.waiting import WaitingSet
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,20 @@ T = TypeVar("T")
 
 DECISIONS = Counter("tandem_scorer_decisions_total", "Scorer decisions, by outcome.", ["outcome"])
 REFITS = Counter("tandem_scorer_refits_total", "Model refits.")
+REFIT_SECONDS = Histogram(
+    "tandem_scorer_refit_seconds",
+    "One refit: the fit, re-scoring a slice of the waiting items, writing what it decided.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+WAITING_LOAD_SECONDS = Histogram(
+    "tandem_scorer_waiting_load_seconds",
+    "Reading a project's waiting items from PostgreSQL into memory (once per model, not per refit).",
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 120, 300),
+)
+WAITING = Gauge("tandem_scorer_waiting_items", "Items kept in memory for re-scoring.", ["project"])
+WAITING_BYTES = Gauge(
+    "tandem_scorer_waiting_bytes", "Memory of the items kept for re-scoring (feature rows).", ["project"]
+)
 NOT_OWNER = Counter(
     "tandem_scorer_not_owner_total", "Messages handed back: their project is decided by another replica."
 )
@@ -93,6 +108,9 @@ class Scorer:
         self._settings = settings
         self._policy: LRPolicyConfig = settings.policy()
         self._models: dict[str, ProjectModel] = {}
+        # Per project, the waiting items a refit re-scores (services/scorer/waiting.py): loaded once
+        # from PostgreSQL, then kept current by every handler that changes them.
+        self._queues: dict[str, WaitingSet] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._dirty: dict[str, float] = {}  # project → monotonic time of the first unrefit label
         # Disagreeing audits found when a model was rebuilt whose second opinion was never asked.
@@ -111,12 +129,14 @@ class Scorer:
         if lost:
             # Another replica may have taken projects over meanwhile: their models here are stale.
             self._models.clear()
+            self._queues.clear()
             self._dirty.clear()
         if not owned:
             NOT_OWNER.inc()
             raise RetryableError(
                 f"project {project_id} is decided by another scorer replica",
                 delay=self._settings.not_owner_retry_seconds,
+                backoff=False,
             )
         self._used[project_id] = time.monotonic()
 
@@ -126,6 +146,7 @@ class Scorer:
         for project_id in [p for p, t in self._used.items() if t < cutoff and p not in self._dirty]:
             async with self._lock(project_id):
                 self._models.pop(project_id, None)
+                self._queues.pop(project_id, None)
                 self._used.pop(project_id, None)
                 await self._leases.release(project_id)
             EVICTED.inc()
@@ -257,6 +278,22 @@ class Scorer:
             await repo.publish(conn, self._outgoing(project.project_id, f"new:{msg_id}", tasks, finals, []))
         model.seen += len(todo)
         model.model_labeled += sum(1 for _, r in todo if r.state == "model")
+        queue = self._queues.get(project.project_id)
+        if queue is not None:
+            waits = [
+                i
+                for i, (p, r) in enumerate(zip(batch.predictions, rows, strict=True))
+                if p.item_id in fresh and r.state == "review" and r.reason not in repo.PEOPLE_ONLY
+            ]
+            if waits:
+                queue.add(
+                    [ids[i] for i in waits],
+                    features(X[waits], zero_shot[waits]),
+                    [float(priority[i]) for i in waits],
+                    [queue.in_flagged_slice(dict(batch.predictions[i].metadata)) for i in waits],
+                )
+                WAITING.labels(project.project_id).set(len(queue))
+                WAITING_BYTES.labels(project.project_id).set(queue.nbytes)
         self._relay.notify()
         for _, r in todo:
             DECISIONS.labels(r.reason).inc()
@@ -324,6 +361,9 @@ class Scorer:
             if opinions and not new:
                 self._dirty.setdefault(project.project_id, time.monotonic())
                 self._wake.set()
+            queue = self._queues.get(project.project_id)
+            if queue is not None:
+                queue.discard(n.item_id for n in new)
             if new:
                 # Labels of tasks people held when the budget ran out keep arriving: their tasks
                 # were withdrawn already.
@@ -362,6 +402,9 @@ class Scorer:
             msg.project_id,
             [f"{f}={v}" for f, v, _ in flagged],
         )
+        # Which waiting items are in a flagged slice is read again with them at the next refit.
+        async with self._lock(msg.project_id):
+            self._queues.pop(msg.project_id, None)
         if msg.project_id in self._models:
             self._dirty.setdefault(msg.project_id, time.monotonic())
             self._wake.set()
@@ -398,11 +441,13 @@ class Scorer:
                 await asyncio.wait_for(self._wake.wait(), timeout=0.25)
 
     async def refit(self, project_id: str) -> None:
+        started = time.monotonic()
         model = self._models[project_id]
         # The fits take seconds on large label spaces: in a worker thread and outside the project
         # lock, so human labels and predictions keep flowing in meanwhile (ProjectModel.refit fits
         # on the labels present when it starts). Only this loop refits, one project at a time.
         await asyncio.to_thread(model.refit)
+        fit_seconds = time.monotonic() - started
         async with self._lock(project_id):
             REFITS.inc()
             unasked = self._unasked.pop(project_id, [])
@@ -415,15 +460,12 @@ class Scorer:
                 # Labels of tasks leased before the budget ran out came in during the fit.
                 self._refit_now(project_id)
                 return
-            waiting, X_waiting = await self._waiting(model, spent=spent)
             if spent:
+                # Once per project: what still waits is finalized, read from PostgreSQL whole.
+                self._queues.pop(project_id, None)
+                waiting, X_waiting = await self._waiting(model, spent=spent)
                 result = model.settle()
-            else:
-                priorities = np.array([w.priority for w in waiting], dtype=np.float64)
-                flagged = np.array([w.in_flagged_slice for w in waiting], dtype=bool)
-                result = model.rescore(X_waiting, [w.item_id for w in waiting], priorities, flagged)
-            accepted_ids = await self._apply(model, waiting, result)
-            if spent:
+                accepted_ids = await self._apply(model, [w.item_id for w in waiting], result)
                 done = set(accepted_ids)
                 rest = [(w, x) for w, x in zip(waiting, X_waiting, strict=True) if w.item_id not in done]
                 await self._finalize_below_target(
@@ -432,6 +474,33 @@ class Scorer:
                     np.vstack([x for _, x in rest]) if rest else X_waiting[:0],
                 )
                 return
+            queue = await self._queue(model)
+            # A refit's own cost: the fit, the slice and the writes (the one-time read of the
+            # waiting items is timed apart, WAITING_LOAD_SECONDS).
+            rescoring = time.monotonic()
+            # A bounded slice per refit, round robin over the waiting items: a refit costs the
+            # same at a million waiting items as at ten thousand, and every item is re-scored
+            # once every len(queue) / rescore_slice_items refits.
+            part = queue.next_slice(self._settings.rescore_slice_items)
+            result = model.rescore(
+                part.X,
+                part.item_ids,
+                part.priorities,
+                part.flagged,
+                part.draws,
+                rerank_limit=self._settings.rerank_limit,
+            )
+            accepted_ids = await self._apply(model, part.item_ids, result)
+            queue.discard(accepted_ids)
+            queue.discard(e.item_id for e in result.proposed if e.audited)
+            queue.set_priorities(
+                [(part.item_ids[row], prio) for row, prio in result.reprioritize]
+                + [(item_id, HANDED_BACK_PRIORITY) for item_id in result.handed_back]
+            )
+            WAITING.labels(project_id).set(len(queue))
+            WAITING_BYTES.labels(project_id).set(queue.nbytes)
+            REFIT_SECONDS.observe(fit_seconds + time.monotonic() - rescoring)
+            waiting_count = len(queue)
             await self._request_second_opinions(model)
             await self._publish_demonstrations(model)
             if accepted_ids or result.proposed or model.refits % 10 == 0:
@@ -444,7 +513,7 @@ class Scorer:
                     project_id,
                     model.refits,
                     model.n_labels,
-                    len(waiting),
+                    waiting_count,
                     len(result.proposed),
                     n_audited,
                     len(accepted_ids),
@@ -457,7 +526,7 @@ class Scorer:
                     model.estimated_accuracy(),
                 )
 
-    async def _apply(self, model: ProjectModel, waiting: list[repo.Waiting], result: Rescored) -> list[str]:
+    async def _apply(self, model: ProjectModel, item_ids: list[str], result: Rescored) -> list[str]:
         """Write what a refit decided and publish it: proposals (audits go to people first), batch
         fates, accepted items' final labels, new priorities. Returns the accepted item ids."""
         project = model.project
@@ -486,14 +555,14 @@ class Scorer:
             ]
             await repo.update_priorities(
                 conn,
-                [(waiting[row].item_id, prio) for row, prio in result.reprioritize]
+                [(item_ids[row], prio) for row, prio in result.reprioritize]
                 + [(item_id, HANDED_BACK_PRIORITY) for item_id in result.handed_back],
             )
             # Re-ranking carries no text: the task exists in review already (see ReviewTask).
             tasks = (
                 [
                     tasks_pb2.ReviewTask(
-                        item_id=waiting[row].item_id, project_id=project_id, priority=prio, reason="uncertain"
+                        item_id=item_ids[row], project_id=project_id, priority=prio, reason="uncertain"
                     )
                     for row, prio in result.reprioritize
                 ]
@@ -556,6 +625,30 @@ class Scorer:
                 ),
             )
         self._relay.notify()
+
+    async def _queue(self, model: ProjectModel) -> WaitingSet:
+        """The project's waiting items for re-scoring, read from PostgreSQL on first use (no text)."""
+        project_id = model.project.project_id
+        queue = self._queues.get(project_id)
+        if queue is not None:
+            return queue
+        started = time.monotonic()
+        async with self._pool.acquire() as conn, conn.transaction():
+            flags = await repo.slice_flags(conn, project_id)
+            queue = WaitingSet(model.n_features, [(f["field"], f["value"]) for f in flags])
+            async for page in repo.waiting_pages(conn, project_id):
+                queue.add(
+                    page.item_ids, features(page.embeddings, page.zero_shot), page.priorities, page.flagged
+                )
+        self._queues[project_id] = queue
+        WAITING_LOAD_SECONDS.observe(time.monotonic() - started)
+        log.info(
+            "%d waiting items of %s loaded for re-scoring (%.1f MiB)",
+            len(queue),
+            project_id,
+            queue.nbytes / 2**20,
+        )
+        return queue
 
     async def _waiting(self, model: ProjectModel, *, spent: bool) -> tuple[list[repo.Waiting], np.ndarray]:
         """Items a refit may still decide, with their feature rows."""

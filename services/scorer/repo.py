@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -14,6 +14,8 @@ from services.common.bus.outbox import Outgoing, enqueue
 from services.common.slices import AUDITED_MORE
 
 SCHEMA = "scorer"
+# Reasons of items in review that people label whatever a refit finds: no refit decides them.
+PEOPLE_ONLY = ("audit", "synthetic", "control")
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,6 @@ class ItemDecision:
 @dataclass(frozen=True)
 class Waiting:
     item_id: str
-    external_id: str
-    text: str
     embedding: np.ndarray
     zero_shot: np.ndarray
     priority: float
@@ -371,9 +371,9 @@ async def waiting_for_people(
 ) -> list[Waiting]:
     """Items in review that a refit may still decide: not audits, control or synthetic items (their
     point is that people label them), unless the budget is spent (then all but synthetic)."""
-    excluded = ["synthetic"] if all_but_synthetic else ["audit", "synthetic", "control"]
+    excluded = ["synthetic"] if all_but_synthetic else list(PEOPLE_ONLY)
     rows = await conn.fetch(
-        "SELECT item_id, external_id, text, embedding, zero_shot, priority,"
+        "SELECT item_id, embedding, zero_shot, priority,"
         " EXISTS (SELECT 1 FROM scorer.slice_flags f WHERE f.project_id = i.project_id"
         "  AND i.metadata->>f.field = f.value AND $3 = ANY(f.reasons)) AS flagged"
         " FROM scorer.items i WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
@@ -384,8 +384,6 @@ async def waiting_for_people(
     return [
         Waiting(
             str(r["item_id"]),
-            r["external_id"],
-            r["text"],
             _vec(r["embedding"]),
             _probs(r["zero_shot"]),
             r["priority"],
@@ -393,6 +391,41 @@ async def waiting_for_people(
         )
         for r in rows
     ]
+
+
+@dataclass(frozen=True)
+class WaitingRows:
+    """A page of waiting items as a refit needs them: no text (see services/scorer/waiting.py)."""
+
+    item_ids: list[str]
+    embeddings: np.ndarray
+    zero_shot: np.ndarray
+    priorities: list[float]
+    flagged: list[bool]
+
+
+async def waiting_pages(
+    conn: asyncpg.Connection, project_id: str, page: int = 10_000
+) -> AsyncIterator[WaitingRows]:
+    """The items waiting_for_people returns, page by page through a cursor (a million rows of
+    embeddings never sit in memory at once). Needs a transaction."""
+    cursor = await conn.cursor(
+        "SELECT item_id, embedding, zero_shot, priority,"
+        " EXISTS (SELECT 1 FROM scorer.slice_flags f WHERE f.project_id = i.project_id"
+        "  AND i.metadata->>f.field = f.value AND $3 = ANY(f.reasons)) AS flagged"
+        " FROM scorer.items i WHERE project_id = $1 AND state = 'review' AND reason <> ALL($2::text[])",
+        project_id,
+        list(PEOPLE_ONLY),
+        AUDITED_MORE,
+    )
+    while rows := await cursor.fetch(page):
+        yield WaitingRows(
+            [str(r["item_id"]) for r in rows],
+            np.vstack([_vec(r["embedding"]) for r in rows]),
+            np.vstack([_probs(r["zero_shot"]) for r in rows]),
+            [r["priority"] for r in rows],
+            [r["flagged"] for r in rows],
+        )
 
 
 async def accept_waiting(

@@ -28,6 +28,12 @@ class ScorerSettings(ServiceSettings):
     # A project's model not used for this long is dropped (and its lease given up): memory follows
     # the active projects, and a model is rebuilt from PostgreSQL when its project wakes up.
     idle_evict_seconds: float = Field(default=1800.0, gt=0)
+    # Waiting items re-scored per refit, round robin (services/scorer/waiting.py): bounds a refit's
+    # time and the re-ranking it publishes, whatever the pool's size.
+    rescore_slice_items: int = Field(default=10_000, ge=100)
+    # Re-ranks a refit sends at most: those at the head of the queue, where people are served
+    # (service.head_of_queue); with the slice, what keeps a refit's cost flat.
+    rerank_limit: int = Field(default=4_000, ge=10)
     # Back-off of a message whose project another replica decides (it reaches the owner later).
     not_owner_retry_seconds: float = Field(default=1.0, gt=0)
 
