@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shlex
@@ -578,7 +579,8 @@ def run_validity(
             if left <= 0:
                 return
             try:
-                yield results.next(timeout=left)
+                # No deadline (inf) means wait as long as it takes: the pool's wait cannot take inf.
+                yield results.next(timeout=left if math.isfinite(left) else None)
             except multiprocessing.TimeoutError:
                 return
     finally:
@@ -726,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--audit-rate", type=float, default=0.0, help="audit floor (0: sized to the pool)")
     ap.add_argument("--budget-items", type=int, default=0)
     ap.add_argument("--budget-share", type=float, default=0.0)
-    ap.add_argument("--repeat", type=int, default=1, help="seeds 0..repeat-1")
+    ap.add_argument("--repeat", type=int, default=1, help="seeds first..first+repeat-1")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first seed (see --repeat)")
     ap.add_argument("--refit-every", type=int, default=10)
     ap.add_argument(
         "--refit-growth", type=float, help="batch grows to this share of the labels (validity: 0.2)"
@@ -798,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.budget_items,
                     args.budget_share,
                 )
-                for seed in range(args.repeat):
+                for seed in range(args.first_seed, args.first_seed + args.repeat):
                     params = SimParams(
                         seed=seed,
                         annotator_error=args.annotator_error,

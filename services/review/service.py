@@ -182,7 +182,9 @@ def lease_seconds(requested: float, default: float, maximum: float) -> float:
 
 
 # Tasks that measure the model or a person: a suggestion would anchor the answer on what is measured.
-BLIND_REASONS = frozenset({"audit", "second_opinion", "label_error", "control", "gold"})
+# Items of a batch handed back to people measure the model as its audits do (their disagreements
+# pay back the audits' in the certificate), so they are asked the same way, without the model's label.
+BLIND_REASONS = frozenset({"audit", "handed_back", "second_opinion", "label_error", "control", "gold"})
 
 
 def shows_suggestion(task: Task, project_hides_suggestions: bool) -> bool:

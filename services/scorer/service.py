@@ -66,6 +66,17 @@ class Rescored:
     handed_back: list[str] = field(default_factory=list)
 
 
+def head_of_queue(rows: np.ndarray, new: np.ndarray, old: np.ndarray, limit: int) -> np.ndarray:
+    """Of the moved `rows`, the `limit` that matter to people now: half with the highest new
+    priority (entering the head of the queue) and half with the highest old one (leaving it).
+    People are served from the head, so a re-rank further down changes nothing they see; the rest
+    are re-ranked at a later refit, once they near it. Keeps a refit's writes and messages bounded."""
+    half = max(limit // 2, 1)
+    entering = rows[np.argsort(-new[rows], kind="stable")[:half]]
+    leaving = rows[np.argsort(-old[rows], kind="stable")[:half]]
+    return np.union1d(entering, leaving)
+
+
 class ProjectModel:
     """The project's classifier (class centroids for the first labels, then a logistic regression on
     [embedding, log zero-shot]), refit on the human labels, and the book of proposals whose
@@ -130,8 +141,8 @@ class ProjectModel:
         """Append human labels in arrival order. A label on a proposed item is also its audit
         outcome (or, for an item handed back to people, its disagreement become known).
 
-        Returns the audits that disagree with the model: (item id, the model's label), to go to a
-        second person (see record_second_opinion)."""
+        Returns the proposed items (audits, or handed back) whose label disagrees with the model:
+        (item id, the model's label), to go to a second person (see record_second_opinion)."""
         if len(y) == 0:
             return []
         end = self._n + len(y)
@@ -266,31 +277,39 @@ class ProjectModel:
         item_ids: list[str],
         priorities: np.ndarray | None = None,
         flagged: np.ndarray | None = None,
+        draws: np.ndarray | None = None,
+        rerank_limit: int | None = None,
     ) -> Rescored:
         """Items waiting for people after a refit: re-rank them, settle the pending proposals and
         propose the next batch among the items never proposed.
 
         `priorities` are the waiting items' current priorities (unchanged ones are not re-sent).
         `flagged` marks items of slices a quality report flagged: audited at least
-        FLAGGED_SLICE_AUDIT when proposed."""
+        FLAGGED_SLICE_AUDIT when proposed. `draws` are the items' fixed order draws, when the caller
+        keeps them (unit_draw(item_id, "order")). `rerank_limit` bounds the re-ranks sent (see
+        head_of_queue)."""
         out = Rescored()
         if not self.ranks_by_ambiguity:
             return out
         probs = self.predict_proba(X) if len(X) else np.zeros((0, len(self.label_embeddings)))
-        routing = route(
-            probs,
-            np.array([unit_draw(i, "order") for i in item_ids], dtype=np.float64),
-            self.n_labels,
-            self.config.min_human_labels,
+        if draws is None:
+            draws = np.array([unit_draw(i, "order") for i in item_ids], dtype=np.float64)
+        routing = route(probs, draws, self.n_labels, self.config.min_human_labels)
+        fresh = np.fromiter(
+            (self.book.proposable(i, self.n_labels) for i in item_ids), dtype=bool, count=len(item_ids)
         )
-        fresh = np.array([self.book.proposable(i, self.n_labels) for i in item_ids], dtype=bool)
-        for row in np.flatnonzero(fresh).tolist():
-            prio = float(routing.priority[row])
-            if item_ids[row] in self.book.index:
-                # Handed back: stays ahead of the ambiguity order until people label it.
-                prio = HANDED_BACK_PRIORITY
-            if priorities is None or abs(prio - float(priorities[row])) > 0.01:
-                out.reprioritize.append((row, prio))
+        prio = routing.priority.astype(np.float64)
+        if self.book.index:
+            # Handed back: stays ahead of the ambiguity order until people label it.
+            handed_back = np.fromiter(
+                (i in self.book.index for i in item_ids), dtype=bool, count=len(item_ids)
+            )
+            prio[handed_back] = HANDED_BACK_PRIORITY
+        moved = fresh if priorities is None else fresh & (np.abs(prio - np.asarray(priorities)) > 0.01)
+        rows = np.flatnonzero(moved)
+        if rerank_limit is not None and len(rows) > rerank_limit and priorities is not None:
+            rows = head_of_queue(rows, prio, np.asarray(priorities, dtype=np.float64), rerank_limit)
+        out.reprioritize = list(zip(rows.tolist(), prio[rows].tolist(), strict=True))
         self._propose(out, item_ids, routing.label, routing.confidence, fresh, flagged)
         # A proposed item's priority is its audit's (or it waits for its batch): a re-rank of it
         # in the same message would race the audit's in review.
@@ -322,7 +341,11 @@ class ProjectModel:
             return
         room = max(MIN_PROPOSAL, int(PROPOSAL_GROWTH * self.auto))
         floor = audit_floor(
-            self.project.audit_rate, self.assumptions.target, self.seen, self.assumptions.human_error
+            self.project.audit_rate,
+            self.assumptions.target,
+            self.seen,
+            self.assumptions.human_error,
+            self.book.disagreement_rate(),
         )
         plan = self.book.plan(conf[candidates], self.tally(), floor, room)
         if plan is None:

@@ -8,7 +8,13 @@ import pytest
 
 from services.scorer.policy.features import description_features, features
 from services.scorer.policy.labels_audit import label_issues
-from services.scorer.policy.model import LRClassifier, LRPolicyConfig, PriorLogisticRegression, fold_of
+from services.scorer.policy.model import (
+    LRClassifier,
+    LRPolicyConfig,
+    PriorLogisticRegression,
+    choose_l2,
+    fold_of,
+)
 
 
 def _unit(m: np.ndarray) -> np.ndarray:
@@ -105,7 +111,7 @@ def test_oof_rows_are_scored_by_a_model_that_did_not_see_them() -> None:
     emb = _unit(rng.normal(size=(n, d)))
     y = rng.integers(0, k, size=n)
     X = features(emb, np.full((n, k), 1.0 / k))
-    cfg = LRPolicyConfig(min_lr_labels=0, l2=1e-4, desc_weight=0.0)
+    cfg = LRPolicyConfig(min_lr_labels=0, l2=1e-4, l2_grid=(), desc_weight=0.0)
     clf = LRClassifier(desc, cfg)
     clf.fit(X, y)
     in_sample = (clf.predict_proba(X).argmax(axis=1) == y).mean()
@@ -180,3 +186,48 @@ def test_label_issues_rank_the_most_confident_contradictions_first() -> None:
     assert label_issues(oof, y, 0.5).tolist() == [6, 3, 5]
     assert label_issues(oof, y, 0.95).tolist() == [6, 3]
     assert label_issues(np.zeros((0, 2)), np.zeros(0), 0.5).size == 0
+
+
+def _flat_prior_rows(emb: np.ndarray, k: int) -> np.ndarray:
+    return features(emb, np.full((emb.shape[0], k), 1.0 / k))
+
+
+def test_choose_l2_takes_a_weak_penalty_where_labels_are_plentiful_and_clean() -> None:
+    emb, y, desc = _clusters(k=4, per_class=150, d=16, noise=0.5, seed=3)
+    cfg = LRPolicyConfig(l2_grid=(0.001, 0.01, 0.1, 1.0, 10.0))
+    chosen = choose_l2(desc, cfg, _flat_prior_rows(emb, 4), y, np.ones(y.size))
+    assert chosen in cfg.l2_grid
+    assert chosen <= 0.1
+    # Capped: the choice is made on evenly spaced rows in arrival order.
+    capped = LRPolicyConfig(l2_grid=cfg.l2_grid, l2_select_max_rows=300)
+    rows = np.unique(np.linspace(0, y.size - 1, 300).astype(np.int64))
+    X = _flat_prior_rows(emb, 4)
+    on_subset = choose_l2(desc, cfg, X[rows], y[rows], np.ones(rows.size))
+    assert choose_l2(desc, capped, X, y, np.ones(y.size)) == on_subset
+
+
+def test_choose_l2_takes_the_strongest_penalty_where_labels_are_noise() -> None:
+    # Labels unrelated to the embedding: any weight learned is overfitting, so the out-of-fold
+    # log-loss is lowest with the embedding weights held near zero.
+    rng = np.random.default_rng(4)
+    emb = _unit(rng.normal(size=(120, 32)))
+    y = rng.integers(0, 3, size=120)
+    desc = _unit(rng.normal(size=(3, 32)))
+    cfg = LRPolicyConfig(l2_grid=(0.001, 0.01, 0.1, 1.0, 10.0))
+    assert choose_l2(desc, cfg, _flat_prior_rows(emb, 3), y, np.ones(y.size)) == 10.0
+
+
+def test_the_classifier_chooses_its_penalty_again_as_labels_grow() -> None:
+    emb, y, desc = _clusters(k=3, per_class=60, d=8, seed=5)
+    X = _flat_prior_rows(emb, 3)
+    cfg = LRPolicyConfig(min_lr_labels=10, l2_grid=(0.01, 0.1, 1.0), l2_reselect_growth=2.0)
+    clf = LRClassifier(desc, cfg)
+    clf.fit(X[:20], y[:20])
+    assert clf.l2_chosen_at == 20 and clf.l2 in cfg.l2_grid
+    clf.fit(X[:39], y[:39])
+    assert clf.l2_chosen_at == 20  # not yet twice as many labels
+    clf.fit(X[:40], y[:40])
+    assert clf.l2_chosen_at == 40
+    fixed = LRClassifier(desc, LRPolicyConfig(min_lr_labels=10, l2_grid=(), l2=0.05))
+    fixed.fit(X[:40], y[:40])
+    assert fixed.l2 == 0.05 and fixed.l2_chosen_at == 0

@@ -14,7 +14,7 @@ from services.scorer.policy.features import features
 from services.scorer.policy.model import LRPolicyConfig
 from services.scorer.policy.proposals import ACCEPTED, REJECTED, Entry
 from services.scorer.policy.routing import margin
-from services.scorer.service import FLAGGED_SLICE_AUDIT, ProjectModel, unit_draw
+from services.scorer.service import FLAGGED_SLICE_AUDIT, ProjectModel, head_of_queue, unit_draw
 
 
 def _unit(m: np.ndarray) -> np.ndarray:
@@ -126,16 +126,19 @@ def test_a_disagreeing_audit_goes_to_a_second_person() -> None:
     model.restore_proposal(Entry("item-0", 1, 2, 0.5, True), "pending")
     model.restore_proposal(Entry("item-1", 1, 1, 0.5, True), "pending")
     model.restore_proposal(Entry("item-2", 1, 0, 0.5, False), "pending")
-    # item-0 disagrees (the model said 2), item-1 agrees, item-2 was not audited.
+    # item-0 disagrees (the model said 2), item-1 agrees, item-2 was not audited (it disagrees too:
+    # settled by a second person as an audit would be).
     asked = model.add_labels(X[:4], np.array([0, 1, 1, 0]), _ids(0, 4))
-    assert asked == [("item-0", 2)]
+    assert asked == [("item-0", 2), ("item-2", 0)]
     entry = model.book.latest("item-0")
     assert entry is not None and entry.disagreed is None and entry.adjudicating
     model.record_second_opinion("item-0", 2)  # sides with the model: no disagreement after all
     assert entry.disagreed is False
     assert model.book.audits() == (2, 0)
     unaudited = model.book.latest("item-2")
-    assert unaudited is not None and unaudited.disagreed is True
+    assert unaudited is not None and unaudited.disagreed is None and unaudited.adjudicating
+    model.record_second_opinion("item-2", 1)
+    assert unaudited.disagreed is True
 
 
 def test_restored_proposals_keep_their_state() -> None:
@@ -325,3 +328,14 @@ def test_items_of_a_flagged_slice_are_audited_at_least_at_the_flagged_rate() -> 
             assert pi == plain[item_id]
     # The flagged rate is above what this pool's floor gives: the raise is real.
     assert any(plain[i] < FLAGGED_SLICE_AUDIT for i in in_slice & plain.keys())
+
+
+def test_re_ranks_are_bounded_to_the_head_of_the_queue() -> None:
+    rng = np.random.default_rng(3)
+    new, old = rng.random(1000), rng.random(1000)
+    rows = np.arange(0, 1000, 2)
+    kept = head_of_queue(rows, new, old, 100)
+    assert len(kept) <= 100 and set(kept.tolist()) <= set(rows.tolist())
+    # The moved rows with the highest new priority and those with the highest old one are kept.
+    assert set(rows[np.argsort(-new[rows])[:50]].tolist()) <= set(kept.tolist())
+    assert set(rows[np.argsort(-old[rows])[:50]].tolist()) <= set(kept.tolist())

@@ -9,7 +9,10 @@ import pytest
 from services.scorer.policy.certification import Assumptions, Guarantee, Tally
 from services.scorer.policy.proposals import (
     ACCEPTED,
+    ALLOCATION_STRETCH,
+    AUDIT_BASE_RATE,
     AUDITS_PER_ROOM,
+    MAX_AUDIT_SCALE,
     PENDING,
     REJECTED,
     Entry,
@@ -45,6 +48,20 @@ def test_audit_floor_is_the_projects_rate_or_sized_to_the_pool() -> None:
     assert audit_floor(0.0, 0.95, 10) == 0.3  # never above 0.3...
     assert audit_floor(0.0, 0.99, 10**7) == 0.01  # ...nor below 0.01
     assert audit_floor(0.0, 0.95, 0) == 0.3
+
+
+def test_audit_floor_grows_with_the_audits_disagreement_rate() -> None:
+    base = AUDITS_PER_ROOM / 480  # 0.95 target, people at 2%, 16,000 items
+
+    def floor(rate: float, items: int = 16_000, configured: float = 0.0) -> float:
+        return audit_floor(configured, 0.95, items, 0.02, disagreement_rate=rate)
+
+    assert floor(0.002) == pytest.approx(base)
+    assert floor(AUDIT_BASE_RATE) == pytest.approx(base)
+    assert floor(2 * AUDIT_BASE_RATE) == pytest.approx(2 * base)
+    assert floor(0.5) == pytest.approx(MAX_AUDIT_SCALE * base)
+    assert floor(0.5, items=100) == 0.3  # still never above 0.3
+    assert floor(0.5, configured=0.1) == 0.1  # a project's own rate stands
 
 
 def test_audit_probability_follows_the_expected_disagreement() -> None:
@@ -95,3 +112,45 @@ def test_a_handed_back_item_is_proposable_again_once_the_model_learned_more() ->
     latest = book.latest("x7")
     assert latest is not None and latest.batch == 2
     assert not book.proposable("x7", 1000)
+
+
+def test_the_allocation_cap_spends_the_targets_room_on_the_most_confident_candidates() -> None:
+    book = ProposalBook(Assumptions(Guarantee.DATASET, 0.9))
+    tally = Tally(items=1000, auto=0, human=1000, model=0)
+    # Every candidate's expected wrong labels together (75) fit the room (100 of 1,000): the cap is
+    # the least confident one's estimate, above the 0.1 the target allows per item.
+    q = np.linspace(0.0, 0.15, 1000)
+    assert book.allocation_cap(q, tally) == pytest.approx(0.15)
+    # Estimates further out are not trusted: at most ALLOCATION_STRETCH times the per-item room.
+    wide = np.linspace(0.0, 0.5, 1000)
+    assert book.allocation_cap(wide, tally) == pytest.approx(ALLOCATION_STRETCH * 0.1)
+    # The m most confident whose expected wrong labels fit, with people's errors on the rest.
+    careful = ProposalBook(Assumptions(Guarantee.DATASET, 0.9, human_error=0.05))
+    m = int((np.cumsum(wide) + 0.05 * (1000 - np.arange(1, 1001)) <= 100.0).sum())
+    assert careful.allocation_cap(wide, tally) == pytest.approx(wide[m - 1]) and 0.15 < wide[m - 1] < 0.3
+    # Room spent on automatic labels already accepted is gone (at the audits' disagreement rate).
+    for i in range(40):
+        careful.add(Entry(f"a{i}", 1, 0, 1.0, True, disagreed=i < 20), state=ACCEPTED)
+    spent = Tally(items=1000, auto=600, human=400, model=0)
+    assert careful.allocation_cap(wide, spent) == pytest.approx(1.0 - 0.9 + 0.05)  # never below per item
+    # Automatic labels alone: the candidates' mean estimate within 1 - target.
+    auto = ProposalBook(Assumptions(Guarantee.AUTOMATIC, 0.9))
+    m = int((np.cumsum(q) <= 0.1 * np.arange(1, q.size + 1)).sum())
+    assert auto.allocation_cap(q, tally) == pytest.approx(q[m - 1])
+    assert book.allocation_cap(np.zeros(0), tally) == pytest.approx(0.1)
+
+
+def test_a_target_above_peoples_own_accuracy_gets_a_batch_large_enough_to_meet_it() -> None:
+    # People at 2% cannot make 0.98 alone: only enough automatic labels better than theirs can,
+    # so a plan limited to 50 items finds nothing and proposes the smallest batch that would.
+    book = ProposalBook(Assumptions(Guarantee.DATASET, 0.98, human_error=0.02, n_classes=2))
+    tally = Tally(items=20_000, auto=0, human=20_000, model=0)
+    conf = np.full(18_000, 0.9995)
+    plan = book.plan(conf, tally, floor=0.3, max_items=50)
+    assert plan is not None and 50 < len(plan.rows) < 18_000 and plan.predicted_lower_bound >= 0.98
+    half = plan.rows[: len(plan.rows) // 2]
+    assert book._plan_of(half, np.full(half.size, 0.005), book.ledger(), tally, 0.3, 0) is None
+    # Within the limit when a small batch fits, as before.
+    easy = ProposalBook(Assumptions(Guarantee.DATASET, 0.9, human_error=0.02, n_classes=2))
+    plan = easy.plan(conf, tally, floor=0.3, max_items=50)
+    assert plan is not None and len(plan.rows) <= 50

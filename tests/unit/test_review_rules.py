@@ -175,6 +175,7 @@ def test_every_refusal_has_a_status() -> None:
         ("warmup", 0, False, True),
         ("uncertain", 0, True, False),
         ("audit", 0, False, False),
+        ("handed_back", 0, False, False),
         ("control", 0, False, False),
         ("second_opinion", 1, False, False),
         ("uncertain", 1, False, False),

@@ -30,8 +30,21 @@ class LRPolicyConfig:
     min_human_labels: int = 40
     # Human labels before the logistic regression replaces the centroids.
     min_lr_labels: int = 20
-    # L2 penalty on the embedding weights (loss is summed over rows, so labels outweigh it as they grow).
+    # L2 penalty on the embedding weights (loss is summed over rows, so labels outweigh it as they grow):
+    # the value used until one is chosen from l2_grid, and always when the grid is empty.
     l2: float = 0.01
+    # Penalties tried per project, the one with the lowest out-of-fold log-loss kept. Which one is best
+    # differs by pool (measured on 1,000 random labels, accuracy on the rest: AG News 0.837 at 0.01,
+    # 0.865 at 0.3; CLINC150 0.882 at 0.01, 0.887 at 0.001; Banking77 0.848 at 0.01, 0.852 at 0.001).
+    l2_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+    # Chosen again once the labels have grown by this factor since the last choice (a handful of
+    # choices over a project's life, each a few fits per grid value).
+    l2_reselect_growth: float = 1.5
+    # Folds of the choice (fewer than `folds`: it only has to rank penalties).
+    l2_select_folds: int = 3
+    # At most this many labeled rows take part in the choice (evenly spaced in arrival order): on
+    # CLINC150 it takes 11 s on 2,000 labels on one core, and grows with them.
+    l2_select_max_rows: int = 2000
     # Training weight of each label-description row, in units of labeled examples.
     desc_weight: float = 1.0
     # Probability mass a description row spreads over the other classes in its zero-shot prior features.
@@ -88,11 +101,12 @@ class PriorLogisticRegression:
     b = 0, a = 1 it reproduces the labeler exactly, and only W (L2-penalized) has to be learned from labels.
     """
 
-    def __init__(self, label_embeddings: np.ndarray, config: LRPolicyConfig) -> None:
+    def __init__(self, label_embeddings: np.ndarray, config: LRPolicyConfig, l2: float | None = None) -> None:
         self._desc_rows = description_features(label_embeddings, config.desc_smoothing)
         self._k = int(self._desc_rows.shape[0])
         self._d = int(np.asarray(label_embeddings).shape[1])
         self._config = config
+        self.l2 = config.l2 if l2 is None else l2
         self._params = _Params(np.zeros((self._d, self._k)), np.zeros(self._k), 1.0)
 
     @property
@@ -133,7 +147,7 @@ class PriorLogisticRegression:
         logzs = np.ascontiguousarray(logzs64, dtype=np.float32)
         row_weight = wa.astype(np.float32)[:, None]
         rows = np.arange(ya.size)
-        d, k, lam = self._d, self._k, self._config.l2
+        d, k, lam = self._d, self._k, self.l2
 
         def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
             p = _Params.unflat(theta, d, k)
@@ -198,6 +212,8 @@ class LRClassifier:
         # Rows, labels and weights the regression was last trained on (labeled rows first).
         self._train: tuple[np.ndarray, np.ndarray, np.ndarray] = (self._X, self._y, np.zeros(0))
         self.uses_lr = False
+        # The label count the L2 penalty in use (self.l2) was chosen at (0: not chosen yet).
+        self.l2_chosen_at = 0
 
     @property
     def n_classes(self) -> int:
@@ -206,6 +222,11 @@ class LRClassifier:
     @property
     def n_fitted(self) -> int:
         return int(self._y.shape[0])
+
+    @property
+    def l2(self) -> float:
+        """The L2 penalty the regression fits with (config.l2 until one is chosen)."""
+        return self._lr.l2
 
     def fit(
         self,
@@ -232,6 +253,9 @@ class LRClassifier:
             wt = np.concatenate([wl, np.full(pseudo[1].size, self._config.pseudo_label_weight)])
         else:
             Xt, yt, wt = Xf, yf, wl
+        if self._config.l2_grid and yf.size >= self._config.l2_reselect_growth * self.l2_chosen_at:
+            self._lr.l2 = choose_l2(self._label_emb, self._config, Xf, yf, wl)
+            self.l2_chosen_at = int(yf.size)
         self._lr.fit(Xt, yt, wt)
         self._train = (Xt, yt, wt)
 
@@ -269,4 +293,35 @@ class LRClassifier:
         return out
 
     def _lr_fold(self) -> PriorLogisticRegression:
-        return PriorLogisticRegression(self._label_emb, self._config)
+        return PriorLogisticRegression(self._label_emb, self._config, self.l2)
+
+
+def choose_l2(
+    label_embeddings: np.ndarray, config: LRPolicyConfig, X: np.ndarray, y: np.ndarray, w: np.ndarray
+) -> float:
+    """The penalty of config.l2_grid with the lowest out-of-fold log-loss on the labeled rows.
+
+    Folds by arrival order (fold_of). The grid is walked from the strongest penalty to the weakest,
+    each fit warm-started from the previous penalty's fit of the same fold (a regularization path:
+    neighbouring solutions are close, so each fit takes few iterations)."""
+    grid = sorted(config.l2_grid, reverse=True)
+    if y.size > config.l2_select_max_rows:
+        rows = np.unique(np.linspace(0, y.size - 1, config.l2_select_max_rows).astype(np.int64))
+        X, y, w = X[rows], y[rows], w[rows]
+    folds = max(2, min(config.l2_select_folds, int(y.size)))
+    fold = fold_of(int(y.size), folds)
+    k, d = int(label_embeddings.shape[0]), int(label_embeddings.shape[1])
+    starts = [_Params(np.zeros((d, k)), np.zeros(k), 1.0) for _ in range(folds)]
+    losses: list[float] = []
+    for l2 in grid:
+        model = PriorLogisticRegression(label_embeddings, config, l2)
+        loss = 0.0
+        for f in range(folds):
+            held = fold == f
+            if not held.any() or held.all():
+                continue
+            starts[f] = model.fit(X[~held], y[~held], w[~held], init=starts[f])
+            p = model.proba_with(starts[f], X[held])
+            loss -= float(w[held] @ np.log(np.maximum(p[np.arange(int(held.sum())), y[held]], _EPS)))
+        losses.append(loss)
+    return float(grid[int(np.argmin(losses))])
