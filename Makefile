@@ -7,12 +7,14 @@ STAMP := $(VENV)/.installed
 GEN := services/gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: help install proto run up test lint typecheck unit integration e2e clean test-vllm vllm-install tiny-model test-ui test-faults chromium screens
+.PHONY: help install proto run up test test-e2e lint typecheck clean test-vllm vllm-install tiny-model test-ui test-faults chromium screens
 
 help:
 	@echo "make run    - install, start the whole stack locally and run the BBC News demo"
 	@echo "make up     - install and start the stack (Ctrl-C stops it)"
-	@echo "make test   - lint, type-check and run every test tier (real nats-server + PostgreSQL)"
+	@echo "make test   - lint, type-check, unit and integration tests (real nats-server + PostgreSQL)"
+	@echo "make test-e2e - the five services end to end with the CPU labeler and simulated people"
+	@echo "make test-ui / test-faults - the browser tier / crashes and outages under the whole stack"
 	@echo "make proto  - regenerate Python code from proto/"
 	@echo "make test-vllm - the vLLM tier: real vLLM engine on CPU in .venv-vllm with a tiny local model"
 
@@ -55,7 +57,12 @@ typecheck: install
 
 # The vLLM tier runs in its own venv (`make test-vllm`), so this one never collects it.
 test: lint typecheck
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm and not ui and not faults" --ignore=tests/vllm --ignore=tests/ui --ignore=tests/faults tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not vllm and not ui and not faults" --ignore=tests/vllm --ignore=tests/ui --ignore=tests/faults --ignore=tests/e2e tests
+
+# The end-to-end tier: every service as a process with the real CPU labeler, simulated people, a
+# real dataset (about three minutes on 2 cores, apart from `make test`).
+test-e2e: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e
 
 # --- the browser tier: the web app in Debian's Chromium, driven by Playwright --------------------
 # Playwright's own browser download needs the internet; the distribution's Chromium does not.

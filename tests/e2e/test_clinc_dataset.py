@@ -41,9 +41,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 SHARED = Path(os.environ.get("TANDEM_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 CLINC = SHARED / "datasets" / "clinc150"
 PROJECT = "clinc-domains"
-DOMAINS = ("banking", "travel", "kitchen_and_dining")
 WEAK_DOMAIN = "kitchen_and_dining"
-INTENTS_PER_DOMAIN = 4
+# Four intents per domain. Outside the weak domain they are ones the model tells apart (the first
+# four banking intents in name order include balance, bill_balance and bill_due: there the model's
+# own audited accuracy fell to 10 of 14 in one CI run, and the report rightly flagged banking too).
+INTENTS = {
+    "banking": ("account_blocked", "pin_change", "report_fraud", "transfer"),
+    "travel": ("book_flight", "car_rental", "lost_luggage", "vaccines"),
+    WEAK_DOMAIN: ("accept_reservations", "calories", "cancel_reservation", "confirm_reservation"),
+}
+DOMAINS = tuple(INTENTS)
 PER_INTENT = 40
 FIRST_SHARE = 0.7  # ingested before the report; the rest after it
 TARGET = 0.9
@@ -108,9 +115,9 @@ def _corpus() -> list[dict[str, Any]]:
             if row.get("domain") in DOMAINS:
                 by_intent.setdefault(row["label"], []).append(row)
     rows: list[dict[str, Any]] = []
-    for domain in DOMAINS:
-        intents = sorted(i for i, rs in by_intent.items() if rs[0]["domain"] == domain)[:INTENTS_PER_DOMAIN]
+    for domain, intents in INTENTS.items():
         for intent in intents:
+            assert by_intent[intent][0]["domain"] == domain, intent
             rows += by_intent[intent][:PER_INTENT]
     random.Random(5).shuffle(rows)
     return rows
