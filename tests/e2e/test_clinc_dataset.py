@@ -225,10 +225,10 @@ async def test_clinc_dataset_report_flags_the_weak_domain_and_every_format_reads
         )
         # The model may propose nothing more in the weak domain (its labels there are poor); what it
         # does propose there is audited at the raised rate.
+        # Elsewhere the probability is the plan's own, which can be as high for a small batch (13
+        # items at 0.77 in one run): that the raise stays in the flagged slice is checked where the
+        # plan is known, tests/unit/test_project_model.py.
         assert min(probs.get(WEAK_DOMAIN) or [1.0]) >= 0.5
-        others = [p for d, ps in probs.items() if d != WEAK_DOMAIN for p in ps]
-        if others:
-            assert sum(others) / len(others) < 0.5
 
         # -- every format, with a split, read back by what consumes it ------------------------------
         split = export_pb2.Split(train=0.8, validation=0.1, test=0.1, seed=3)
