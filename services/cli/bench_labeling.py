@@ -18,6 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
 import yaml
 from rich.table import Table
 
@@ -193,10 +194,24 @@ async def _until_prelabeled(clients: Clients, project_id: str, total: int, withi
     """A pool: every item is pre-labeled before the people start."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if (await clients.stats(project_id)).scorer.predicted >= total:
-            return
+        try:
+            if (await clients.stats(project_id)).scorer.predicted >= total:
+                return
+        except grpc.aio.AioRpcError as exc:
+            # Counting a pool being ingested can outlast one call's deadline on a loaded machine.
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
         await asyncio.sleep(0.5)
     raise TimeoutError(f"{project_id}: items were not pre-labeled within {within:.0f} s")
+
+
+def _append(out: Path | None, result: RunResult) -> None:
+    """One run's result as a JSON line, as soon as it is known (a later run that fails loses none)."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(asdict(result)) + "\n")
 
 
 def results_table(results: list[RunResult]) -> Table:
@@ -254,6 +269,7 @@ async def run_bench(options: BenchOptions) -> list[RunResult]:
                 results.append(
                     RunResult(name, "labeler", 0.0, 0.0, seed, len(records), zero_shot, 0, 0, 0, 0, 0)
                 )
+                _append(options.out, results[-1])
                 for target in options.targets:
                     runs = [("active", 0.0)] + [("active", b) for b in options.budgets]
                     for arm, budget in runs:
@@ -272,6 +288,7 @@ async def run_bench(options: BenchOptions) -> list[RunResult]:
                             )
                         results.append(active)
                         console.print(results_table([active]))
+                        _append(options.out, active)
                         if not options.baseline:
                             continue
                         # The baseline gets exactly the share of people the active run used.
@@ -288,14 +305,11 @@ async def run_bench(options: BenchOptions) -> list[RunResult]:
                             )
                         results.append(baseline)
                         console.print(results_table([baseline]))
+                        _append(options.out, baseline)
     finally:
         with console.status("stopping the stack…"):
             await asyncio.to_thread(stack.stop)
     console.print(results_table(results))
     if options.out is not None:
-        options.out.parent.mkdir(parents=True, exist_ok=True)
-        with options.out.open("a", encoding="utf-8") as fh:
-            for r in results:
-                fh.write(json.dumps(asdict(r)) + "\n")
         console.print(f"results appended to {options.out}")
     return results

@@ -177,6 +177,9 @@ class Workforce:
                     grpc.StatusCode.NOT_FOUND,
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    # A claim slower than its deadline on a loaded machine: asked again (a lease it
+                    # took meanwhile expires and its task returns to the queue).
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
                 ):
                     raise
                 await asyncio.sleep(cfg.idle_poll_seconds)
