@@ -253,12 +253,13 @@ async def claim_next(
 ) -> Task | None:
     """Lease the next task: one waiting past the project's SLA first (oldest first, whatever its
     pool), else the head of the person's pool queue by priority."""
+    min_round = 1 if second_opinions_only else 0
     args = (
         project_id,
         uuid.uuid4(),
         person.annotator_id,
         lease_seconds,
-        1 if second_opinions_only else 0,
+        min_round,
         include_skipped,
         person.pool_id,
         list(person.skills),
@@ -280,7 +281,8 @@ async def claim_next(
     lease = "WITH next AS (SELECT t0.task_id" + head + "$9" + _ELIGIBLE + order + " SKIP LOCKED)" + _LEASE
     row = await conn.fetchrow(lease, *args, queue)
     locked = "SELECT t0.task_id" + head + "$2" + _eligible("$3", "$4", "$5", "$6") + order
-    if row is None and await conn.fetchval(locked, project_id, queue, *(args[i] for i in (2, 4, 5, 7))):
+    person_args = (person.annotator_id, min_round, include_skipped, list(person.skills))
+    if row is None and await conn.fetchval(locked, project_id, queue, *person_args):
         # Skipping locked rows keeps concurrent claims off each other's head task, but a re-rank
         # locks every open task it moves until it commits: the queue would look empty to a person
         # while tasks wait. Waited for (the row it locks is this transaction's, so not skipped),
