@@ -293,7 +293,7 @@ def simulate(
     t0 = time.perf_counter()
     rng = np.random.default_rng(params.seed)
     n, k = len(gold), int(label_emb.shape[0])
-    model = ProjectModel(spec, label_emb, cfg)
+    model = ProjectModel(spec, label_emb, cfg, second_opinions=params.second_opinions > 0)
     # The audit and order draws are fixed by the item id (proposals.unit_draw): ids carry the seed.
     ids = [f"s{params.seed}-{i}" for i in range(n)]
     row_of = {item_id: i for i, item_id in enumerate(ids)}

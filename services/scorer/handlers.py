@@ -175,7 +175,9 @@ class Scorer:
             labeled = await repo.load_human_labels(conn, project.project_id)
             proposals = await repo.load_proposals(conn, project.project_id)
             c = await repo.counts(conn, project.project_id)
-        model = ProjectModel(project, stored, self._policy)
+        model = ProjectModel(
+            project, stored, self._policy, second_opinions=self._settings.second_opinions_per_refit > 0
+        )
         model.seen, model.auto, model.model_labeled = c.predicted, c.auto, c.below_target
         model.second_opinion_asked = labeled.second_opinion_asked
         for p in proposals:
@@ -192,7 +194,8 @@ class Scorer:
                     model.record_second_opinion(p.item_id, p.second_label)
             unasked = {p.item_id for p in proposals if not p.second_requested}
             self._unasked[project.project_id] = [a for a in adjudicate if a[0] in unasked]
-        model.refit()
+        # Seconds on a large label space after a restart: off the event loop.
+        await asyncio.to_thread(model.refit)
         self._models[project.project_id] = model
         self._refit_now(project.project_id)
         log.info(

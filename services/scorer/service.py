@@ -86,8 +86,18 @@ class ProjectModel:
     zero-shot probabilities.
     """
 
-    def __init__(self, project: ProjectSpec, label_embeddings: np.ndarray, base: LRPolicyConfig) -> None:
+    def __init__(
+        self,
+        project: ProjectSpec,
+        label_embeddings: np.ndarray,
+        base: LRPolicyConfig,
+        *,
+        second_opinions: bool = True,
+    ) -> None:
         self.project = project
+        # Whether human labels the model contradicts are looked for (label_issues): refits then
+        # make the out-of-fold predictions that rests on, when due.
+        self.second_opinions = second_opinions
         self.config = replace(base, target_accuracy=project.target_accuracy or base.target_accuracy)
         self.label_embeddings = np.asarray(label_embeddings, dtype=np.float32)
         self.classifier = LRClassifier(self.label_embeddings, self.config)
@@ -183,12 +193,13 @@ class ProjectModel:
     def label_issues(self, limit: int) -> list[Suspect]:
         """Human labels the out-of-fold model contradicts with confidence and nobody re-checked yet,
         at most `limit`."""
-        n = self.classifier.n_fitted
+        n = self.classifier.oof_labels
         if n < LABEL_AUDIT_MIN_LABELS or limit <= 0:
             return []
         oof = self.classifier.oof_proba()
         out = []
-        # The rows the last refit saw (labels arriving during it are checked after the next one).
+        # The rows the last out-of-fold predictions saw (later labels are checked once the labels
+        # have grown enough for the next ones, LRPolicyConfig.oof_refresh_growth).
         for row in label_issues(oof, self.y[:n], LABEL_AUDIT_MIN_CONFIDENCE):
             item_id = self.item_ids[row]
             if item_id not in self.second_opinion_asked:
@@ -203,12 +214,15 @@ class ProjectModel:
 
         Safe to run in a worker thread while the event loop adds labels: it fits on the rows
         present when it starts (appends never touch them; a relabel is copied out), and labels
-        that arrive meanwhile stay pending for the next refit.
+        that arrive meanwhile stay pending for the next refit. The out-of-fold predictions
+        label_issues reads are made here too, when due, so the event loop never waits for them.
         """
         n, pending = self._n, self.pending_labels
         if pending == 0 and self.refits > 0:
             return
         self.classifier.fit(self._X[:n], self._y[:n].copy(), weight=self._w[:n].copy())
+        if self.second_opinions and n >= LABEL_AUDIT_MIN_LABELS and self.classifier.oof_due():
+            self.classifier.refresh_oof()
         self.refits += 1
         self.pending_labels -= pending
 

@@ -231,3 +231,24 @@ def test_the_classifier_chooses_its_penalty_again_as_labels_grow() -> None:
     fixed = LRClassifier(desc, LRPolicyConfig(min_lr_labels=10, l2_grid=(), l2=0.05))
     fixed.fit(X[:40], y[:40])
     assert fixed.l2 == 0.05 and fixed.l2_chosen_at == 0
+
+
+def test_out_of_fold_predictions_are_made_again_only_as_labels_grow() -> None:
+    emb, y, desc = _clusters(k=3, per_class=60, d=8, seed=3)
+    X = _flat_prior_rows(emb, 3)
+    cfg = LRPolicyConfig(min_lr_labels=10, l2_grid=(), oof_refresh_growth=1.5)
+    clf = LRClassifier(desc, cfg)
+    clf.fit(X[:40], y[:40])
+    assert clf.oof_due()
+    clf.refresh_oof()
+    first = clf.oof_proba()
+    assert clf.oof_labels == 40 and first.shape == (40, 3)
+    # A refit on more labels keeps the last predictions (they cover the first 40 rows) ...
+    clf.fit(X[:59], y[:59])
+    assert not clf.oof_due() and clf.oof_proba() is first
+    # ... until the labels have grown by half.
+    clf.fit(X[:60], y[:60])
+    assert clf.oof_due()
+    clf.refresh_oof()
+    assert clf.oof_labels == 60 and clf.oof_proba().shape == (60, 3)
+    assert not clf.oof_due()

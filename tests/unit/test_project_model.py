@@ -287,6 +287,25 @@ def test_confident_contradictions_of_human_labels_are_sent_for_a_second_opinion(
     assert model.pending_labels == 1
 
 
+def test_refits_make_out_of_fold_predictions_only_for_projects_that_check_labels() -> None:
+    centers, X, y = _world(noise=0.2)
+    checked = ProjectModel(_spec(), centers, CONFIG)
+    unchecked = ProjectModel(_spec(), centers, CONFIG, second_opinions=False)
+    for model in (checked, unchecked):
+        model.add_labels(X[:100], y[:100], _ids(0, 100))
+        model.refit()
+    # Made in the refit (a worker thread in the scorer), not when label_issues reads them.
+    assert checked.classifier.oof_labels == 100
+    assert unchecked.classifier.oof_labels == 0 and unchecked.label_issues(limit=5) == []
+    # Not again until the labels have grown by LRPolicyConfig.oof_refresh_growth.
+    checked.add_labels(X[100:105], y[100:105], _ids(100, 105))
+    checked.refit()
+    assert checked.classifier.oof_labels == 100
+    checked.add_labels(X[105:110], y[105:110], _ids(105, 110))
+    checked.refit()
+    assert checked.classifier.oof_labels == 110
+
+
 def test_a_re_proposed_item_gets_a_fresh_audit_draw() -> None:
     """A handed-back item was not audited the first time: its draw was at least that pi. Reusing the
     draw would make a re-proposal's audit less likely than the pi the certificate is told."""
