@@ -510,11 +510,12 @@ class Scorer:
                 cert = model.certificate()
                 n_audited = sum(1 for e in result.proposed if e.audited)
                 log.info(
-                    "refit %s #%d: %d labels, %d waiting; proposed %d (%d audited), accepted %d,"
-                    " handed back %d batches; %d automatic labels, certified %s accuracy %.4f"
-                    " (target %.2f, delta %.2f), estimated %.4f",
+                    "refit %s #%d (fit %.1fs): %d labels, %d waiting; proposed %d (%d audited),"
+                    " accepted %d, handed back %d batches; %d automatic labels, certified %s accuracy"
+                    " %.4f (target %.2f, delta %.2f), estimated %.4f",
                     project_id,
                     model.refits,
+                    fit_seconds,
                     model.n_labels,
                     waiting_count,
                     len(result.proposed),
