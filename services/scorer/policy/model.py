@@ -290,9 +290,8 @@ class LRClassifier:
         model of the previous refresh, which never saw this fold's rows either (folds are fixed by
         arrival order), so nothing leaks."""
         n = self.n_fitted
-        self.oof_labels = n
         if not self.uses_lr:
-            self._oof = self._centroids.oof_proba()
+            self._oof, self.oof_labels = self._centroids.oof_proba(), n
             return
         Xt, yt, wt = self._train
         fold = fold_of(n, self._config.folds)
@@ -308,7 +307,8 @@ class LRClassifier:
             params = self._lr_fold().fit(Xt[train], yt[train], wt[train], init=init)
             self._fold_params[f] = params
             out[held] = self._lr.proba_with(params, self._X[held])
-        self._oof = out
+        # Set together: label_issues reads the predictions against the labels they cover.
+        self._oof, self.oof_labels = out, n
 
     def _lr_fold(self) -> PriorLogisticRegression:
         return PriorLogisticRegression(self._label_emb, self._config, self.l2)
