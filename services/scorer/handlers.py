@@ -436,12 +436,36 @@ class Scorer:
                         # A bug in one project's refit must not stop the others': the next label
                         # marks the project dirty again.
                         log.exception("refit of %s failed", project_id)
+            if not self._dirty:
+                await self._check_quiet_labels()
             try:
                 await self._evict_idle()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 log.warning("evicting idle models failed; will retry", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.25)
+
+    async def _check_quiet_labels(self) -> None:
+        """While no project waits for a refit, check the labels the last out-of-fold predictions
+        missed (ProjectModel.labels_unchecked): a burst's last labels get their second opinions
+        without every refit paying for the fold fits. One project per pass, so new labels wait at
+        most one check."""
+        for project_id, model in list(self._models.items()):
+            if not model.labels_unchecked():
+                continue
+            try:
+                await asyncio.to_thread(model.check_labels)
+                async with self._lock(project_id):
+                    if self._models.get(project_id) is model:  # not evicted meanwhile
+                        await self._request_second_opinions(model, f"check{model.classifier.oof_labels}")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                # The database is away: the suspects are asked for at the next refit
+                # (label_issues skips only those already asked).
+                log.warning("second opinions of %s failed; will retry", project_id, exc_info=True)
+            except Exception:
+                # Not tried again until more labels are fitted (check_labels notes them first).
+                log.exception("checking the labels of %s failed", project_id)
+            return
 
     async def refit(self, project_id: str) -> None:
         started = time.monotonic()
@@ -697,13 +721,14 @@ class Scorer:
             "human budget of %s spent: %d waiting items finalized below target", project.project_id, len(done)
         )
 
-    async def _request_second_opinions(self, model: ProjectModel) -> None:
-        """Human labels the model contradicts with confidence go to someone else for a second look."""
+    async def _request_second_opinions(self, model: ProjectModel, when: str = "") -> None:
+        """Human labels the model contradicts with confidence go to someone else for a second look.
+        `when` tells a quiet-time check's request apart from its refit's in the message id."""
         suspects = model.label_issues(self._settings.second_opinions_per_refit)
         await self._ask_second_opinions(
             model,
             [(s.item_id, s.label) for s in suspects],
-            f"second:{model.project.project_id}:{self._epoch}:{model.refits}",
+            f"second:{model.project.project_id}:{self._epoch}:{model.refits}{when and ':' + when}",
             confidence={s.item_id: s.confidence for s in suspects},
         )
 

@@ -98,6 +98,7 @@ class ProjectModel:
         # Whether human labels the model contradicts are looked for (label_issues): refits then
         # make the out-of-fold predictions that rests on, when due.
         self.second_opinions = second_opinions
+        self._checked_labels = 0  # fitted labels at the last quiet-time check (check_labels)
         self.config = replace(base, target_accuracy=project.target_accuracy or base.target_accuracy)
         self.label_embeddings = np.asarray(label_embeddings, dtype=np.float32)
         self.classifier = LRClassifier(self.label_embeddings, self.config)
@@ -225,6 +226,21 @@ class ProjectModel:
             self.classifier.refresh_oof()
         self.refits += 1
         self.pending_labels -= pending
+
+    def labels_unchecked(self) -> bool:
+        """True when the last out-of-fold predictions missed some fitted labels: refits make them
+        again only as the labels grow by a tenth, so the last labels of a burst wait for a quiet
+        moment (check_labels)."""
+        n = self.classifier.n_fitted
+        checked = max(self.classifier.oof_labels, self._checked_labels)
+        return self.second_opinions and n >= LABEL_AUDIT_MIN_LABELS and checked < n
+
+    def check_labels(self) -> None:
+        """Out-of-fold predictions over every fitted label, for label_issues. Safe in a worker
+        thread for the same reason as refit (only the refit loop calls either, one at a time)."""
+        # Noted first: a check that fails is not tried again until more labels are fitted.
+        self._checked_labels = self.classifier.n_fitted
+        self.classifier.refresh_oof()
 
     # -- where the project stands ---------------------------------------------------------------
 

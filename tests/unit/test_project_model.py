@@ -301,9 +301,16 @@ def test_refits_make_out_of_fold_predictions_only_for_projects_that_check_labels
     checked.add_labels(X[100:105], y[100:105], _ids(100, 105))
     checked.refit()
     assert checked.classifier.oof_labels == 100
+    # The labels they missed are checked when the project falls quiet (the scorer's refit loop).
+    assert checked.labels_unchecked() and not unchecked.labels_unchecked()
+    checked.check_labels()
+    assert checked.classifier.oof_labels == 105 and not checked.labels_unchecked()
     checked.add_labels(X[105:110], y[105:110], _ids(105, 110))
     checked.refit()
-    assert checked.classifier.oof_labels == 110
+    assert checked.classifier.oof_labels == 105 and checked.labels_unchecked()
+    checked.add_labels(X[110:116], y[110:116], _ids(110, 116))
+    checked.refit()
+    assert checked.classifier.oof_labels == 116
 
 
 def test_a_re_proposed_item_gets_a_fresh_audit_draw() -> None:
