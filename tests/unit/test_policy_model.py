@@ -12,7 +12,7 @@ from services.scorer.policy.model import (
     LRClassifier,
     LRPolicyConfig,
     PriorLogisticRegression,
-    choose_l2,
+    choose_fit,
     fold_of,
 )
 
@@ -192,21 +192,21 @@ def _flat_prior_rows(emb: np.ndarray, k: int) -> np.ndarray:
     return features(emb, np.full((emb.shape[0], k), 1.0 / k))
 
 
-def test_choose_l2_takes_a_weak_penalty_where_labels_are_plentiful_and_clean() -> None:
+def test_the_choice_takes_a_weak_penalty_where_labels_are_plentiful_and_clean() -> None:
     emb, y, desc = _clusters(k=4, per_class=150, d=16, noise=0.5, seed=3)
     cfg = LRPolicyConfig(l2_grid=(0.001, 0.01, 0.1, 1.0, 10.0))
-    chosen = choose_l2(desc, cfg, _flat_prior_rows(emb, 4), y, np.ones(y.size))
+    chosen = choose_fit(desc, cfg, _flat_prior_rows(emb, 4), y, np.ones(y.size)).l2
     assert chosen in cfg.l2_grid
     assert chosen <= 0.1
     # Capped: the choice is made on evenly spaced rows in arrival order.
     capped = LRPolicyConfig(l2_grid=cfg.l2_grid, l2_select_max_rows=300)
     rows = np.unique(np.linspace(0, y.size - 1, 300).astype(np.int64))
     X = _flat_prior_rows(emb, 4)
-    on_subset = choose_l2(desc, cfg, X[rows], y[rows], np.ones(rows.size))
-    assert choose_l2(desc, capped, X, y, np.ones(y.size)) == on_subset
+    on_subset = choose_fit(desc, cfg, X[rows], y[rows], np.ones(rows.size))
+    assert choose_fit(desc, capped, X, y, np.ones(y.size)) == on_subset
 
 
-def test_choose_l2_takes_the_strongest_penalty_where_labels_are_noise() -> None:
+def test_the_choice_takes_the_strongest_penalty_where_labels_are_noise() -> None:
     # Labels unrelated to the embedding: any weight learned is overfitting, so the out-of-fold
     # log-loss is lowest with the embedding weights held near zero.
     rng = np.random.default_rng(4)
@@ -214,7 +214,7 @@ def test_choose_l2_takes_the_strongest_penalty_where_labels_are_noise() -> None:
     y = rng.integers(0, 3, size=120)
     desc = _unit(rng.normal(size=(3, 32)))
     cfg = LRPolicyConfig(l2_grid=(0.001, 0.01, 0.1, 1.0, 10.0))
-    assert choose_l2(desc, cfg, _flat_prior_rows(emb, 3), y, np.ones(y.size)) == 10.0
+    assert choose_fit(desc, cfg, _flat_prior_rows(emb, 3), y, np.ones(y.size)).l2 == 10.0
 
 
 def test_the_classifier_chooses_its_penalty_again_as_labels_grow() -> None:

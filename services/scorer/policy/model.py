@@ -17,6 +17,7 @@ from scipy.optimize import minimize  # type: ignore[import-untyped]
 
 from services.scorer.policy.centroids import CentroidClassifier, PolicyConfig
 from services.scorer.policy.features import description_features
+from services.scorer.policy.neighbours import blend, neighbour_proba, unit_rows
 
 _EPS = 1e-12
 
@@ -71,6 +72,16 @@ class LRPolicyConfig:
     # a point below 20% human share and froze it at 94% beyond.
     pseudo_label_weight: float = 0.0
     pseudo_label_threshold: float = 0.98
+    # The neighbours' view (policy.neighbours): the labels of the k most similar labeled items, mixed
+    # into the regression's distribution at the weight of this grid with the lowest out-of-fold
+    # log-loss, chosen with the penalty (an empty l2_grid chooses nothing: the regression alone). Measured on 1,000 random labels (loadtests.model_curves):
+    # accuracy 0.865 -> 0.879 on AG News, 0.844 -> 0.863 on Banking77, 0.882 -> 0.900 on CLINC150.
+    neighbours_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    neighbours_k: int = 10
+    neighbours_temperature: float = 0.05
+    # At most this many labeled rows vote (evenly spaced in arrival order): a re-scored slice costs
+    # rows x this many dot products (10,000 x 5,000: about a second on one core).
+    neighbours_max_rows: int = 5000
 
     def centroid_config(self) -> PolicyConfig:
         return PolicyConfig(temperature=self.temperature, prior_weight=self.prior_weight)
@@ -220,6 +231,11 @@ class LRClassifier:
         self.uses_lr = False
         # The label count the L2 penalty in use (self.l2) was chosen at (0: not chosen yet).
         self.l2_chosen_at = 0
+        # Weight of the neighbours' view, chosen with the penalty, and the labeled rows that vote.
+        self.neighbours_weight = 0.0
+        self._ref = np.zeros((0, self._d), dtype=np.float32)
+        self._ref_y = np.zeros(0, dtype=np.int64)
+        self._ref_w = np.zeros(0)
 
     @property
     def n_classes(self) -> int:
@@ -259,16 +275,32 @@ class LRClassifier:
         else:
             Xt, yt, wt = Xf, yf, wl
         if self._config.l2_grid and yf.size >= self._config.l2_reselect_growth * self.l2_chosen_at:
-            self._lr.l2 = choose_l2(self._label_emb, self._config, Xf, yf, wl)
+            chosen = choose_fit(self._label_emb, self._config, Xf, yf, wl)
+            self._lr.l2, self.neighbours_weight = chosen.l2, chosen.neighbours_weight
             self.l2_chosen_at = int(yf.size)
         self._lr.fit(Xt, yt, wt)
         self._train = (Xt, yt, wt)
+        if self.neighbours_weight > 0:
+            rows = _evenly_spaced(yf.size, self._config.neighbours_max_rows)
+            self._ref, self._ref_y, self._ref_w = unit_rows(Xf[rows, : self._d]), yf[rows], wl[rows]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         Xf = np.asarray(X, dtype=np.float64).reshape(-1, self._d + self._k)
         if not self.uses_lr:
             return self._centroids.predict_proba(Xf[:, : self._d])
-        return self._lr.predict_proba(Xf)
+        return self._with_neighbours(self._lr.predict_proba(Xf), Xf, self._ref, self._ref_y, self._ref_w)
+
+    def _with_neighbours(
+        self, p: np.ndarray, X: np.ndarray, ref: np.ndarray, ref_y: np.ndarray, ref_w: np.ndarray
+    ) -> np.ndarray:
+        """The regression's distribution `p` of rows X blended with their neighbours' among `ref`."""
+        if self.neighbours_weight <= 0:
+            return p
+        cfg = self._config
+        near = neighbour_proba(
+            ref, ref_y, ref_w, unit_rows(X[:, : self._d]), p, cfg.neighbours_k, cfg.neighbours_temperature
+        )
+        return blend(p, near, self.neighbours_weight)
 
     def oof_due(self) -> bool:
         """True when the labels have grown enough since the last out-of-fold predictions
@@ -306,7 +338,15 @@ class LRClassifier:
             init = self._fold_params.get(f, _Params(np.zeros((self._d, self._k)), np.zeros(self._k), 1.0))
             params = self._lr_fold().fit(Xt[train], yt[train], wt[train], init=init)
             self._fold_params[f] = params
-            out[held] = self._lr.proba_with(params, self._X[held])
+            # The neighbours vote from the same training rows (labeled ones: `fold` covers only those).
+            held_X = self._X[held]
+            out[held] = self._with_neighbours(
+                self._lr.proba_with(params, held_X),
+                held_X,
+                unit_rows(self._X[train, : self._d]),
+                yt[train],
+                wt[train],
+            )
         # Set together: label_issues reads the predictions against the labels they cover.
         self._oof, self.oof_labels = out, n
 
@@ -314,32 +354,65 @@ class LRClassifier:
         return PriorLogisticRegression(self._label_emb, self._config, self.l2)
 
 
-def choose_l2(
+@dataclass(frozen=True)
+class FitChoice:
+    l2: float  # penalty of the regression
+    neighbours_weight: float  # weight of the neighbours' view in the blend
+
+
+def _evenly_spaced(n: int, limit: int) -> np.ndarray:
+    """At most `limit` row indices of n, evenly spaced in arrival order."""
+    if n <= limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).astype(np.int64))
+
+
+def choose_fit(
     label_embeddings: np.ndarray, config: LRPolicyConfig, X: np.ndarray, y: np.ndarray, w: np.ndarray
-) -> float:
-    """The penalty of config.l2_grid with the lowest out-of-fold log-loss on the labeled rows.
+) -> FitChoice:
+    """The penalty of config.l2_grid and the neighbours' weight of config.neighbours_weights with the
+    lowest out-of-fold log-loss on the labeled rows.
 
     Folds by arrival order (fold_of). The grid is walked from the strongest penalty to the weakest,
     each fit warm-started from the previous penalty's fit of the same fold (a regularization path:
-    neighbouring solutions are close, so each fit takes few iterations)."""
+    neighbouring solutions are close, so each fit takes few iterations). The neighbours of a held-out
+    row vote from the other folds' rows, like the regression that predicts it; on ties the smaller
+    neighbours' weight wins."""
     grid = sorted(config.l2_grid, reverse=True)
-    if y.size > config.l2_select_max_rows:
-        rows = np.unique(np.linspace(0, y.size - 1, config.l2_select_max_rows).astype(np.int64))
-        X, y, w = X[rows], y[rows], w[rows]
+    rows = _evenly_spaced(int(y.size), config.l2_select_max_rows)
+    X, y, w = X[rows], y[rows], w[rows]
     folds = max(2, min(config.l2_select_folds, int(y.size)))
     fold = fold_of(int(y.size), folds)
     k, d = int(label_embeddings.shape[0]), int(label_embeddings.shape[1])
+    weights = sorted(set(config.neighbours_weights) | {0.0})
+    unit = unit_rows(X[:, :d])
     starts = [_Params(np.zeros((d, k)), np.zeros(k), 1.0) for _ in range(folds)]
-    losses: list[float] = []
+    best, best_loss = FitChoice(grid[0], 0.0), np.inf
+    scored = np.zeros(y.size, dtype=bool)
     for l2 in grid:
         model = PriorLogisticRegression(label_embeddings, config, l2)
-        loss = 0.0
+        p = np.full((y.size, k), 1.0 / k, dtype=np.float32)
+        near = p.copy()
         for f in range(folds):
             held = fold == f
             if not held.any() or held.all():
                 continue
             starts[f] = model.fit(X[~held], y[~held], w[~held], init=starts[f])
-            p = model.proba_with(starts[f], X[held])
-            loss -= float(w[held] @ np.log(np.maximum(p[np.arange(int(held.sum())), y[held]], _EPS)))
-        losses.append(loss)
-    return float(grid[int(np.argmin(losses))])
+            p[held] = model.proba_with(starts[f], X[held])
+            scored |= held
+            if len(weights) > 1:
+                near[held] = neighbour_proba(
+                    unit[~held],
+                    y[~held],
+                    w[~held],
+                    unit[held],
+                    p[held],
+                    config.neighbours_k,
+                    config.neighbours_temperature,
+                )
+        for weight in weights:
+            mixed = blend(p, near, weight)[scored, y[scored]]
+            loss = -float(w[scored] @ np.log(np.maximum(mixed, _EPS)))
+            if loss < best_loss:
+                best, best_loss = FitChoice(l2, weight), loss
+    return best
