@@ -309,6 +309,7 @@ class ProjectModel:
         flagged: np.ndarray | None = None,
         draws: np.ndarray | None = None,
         rerank_limit: int | None = None,
+        probs: np.ndarray | None = None,
     ) -> Rescored:
         """Items waiting for people after a refit: re-rank them, settle the pending proposals and
         propose the next batch among the items never proposed.
@@ -317,11 +318,13 @@ class ProjectModel:
         `flagged` marks items of slices a quality report flagged: audited at least
         FLAGGED_SLICE_AUDIT when proposed. `draws` are the items' fixed order draws, when the caller
         keeps them (unit_draw(item_id, "order")). `rerank_limit` bounds the re-ranks sent (see
-        head_of_queue)."""
+        head_of_queue). `probs`: the model's distributions of X, when the caller made them already
+        (predict_proba, e.g. in a worker thread)."""
         out = Rescored()
         if not self.ranks_by_ambiguity:
             return out
-        probs = self.predict_proba(X) if len(X) else np.zeros((0, len(self.label_embeddings)))
+        if probs is None:
+            probs = self.predict_proba(X) if len(X) else np.zeros((0, len(self.label_embeddings)))
         if draws is None:
             draws = np.array([unit_draw(i, "order") for i in item_ids], dtype=np.float64)
         routing = route(probs, draws, self.n_labels, self.config.min_human_labels)
