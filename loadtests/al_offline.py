@@ -737,7 +737,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--arrival-ratio", type=float, help="stream: items per human label (validity stream: 3)")
     ap.add_argument("--pool-size", type=int, help="random subsample of the pool (validity default 1500)")
     ap.add_argument("--second-opinions", type=int, default=0, help="label_issues second opinions per refit")
-    ap.add_argument("--set", nargs="*", default=[], help="LRPolicyConfig overrides, e.g. l2=0.1 folds=5")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="LRPolicyConfig overrides, e.g. l2=0.1 folds=5 l2_grid=0.01,0.1"
+    )
     ap.add_argument("--validity", action="store_true", help="many seeds, four conditions (see above)")
     ap.add_argument("--seeds", type=int, default=20, help="validity: seeds per configuration")
     ap.add_argument("--conditions", nargs="+", choices=CONDITIONS, help="validity: a subset of conditions")
@@ -761,7 +763,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kv in args.set:
         key, val = kv.split("=", 1)
         cur = getattr(LRPolicyConfig(), key)
-        overrides[key] = (val.lower() in ("1", "true", "yes")) if isinstance(cur, bool) else type(cur)(val)
+        if isinstance(cur, bool):
+            overrides[key] = val.lower() in ("1", "true", "yes")
+        elif isinstance(cur, tuple):  # a grid: comma-separated numbers, empty for none
+            overrides[key] = tuple(float(v) for v in val.split(",") if v)
+        else:
+            overrides[key] = type(cur)(val)
     cfg = replace(LRPolicyConfig(), **overrides)  # type: ignore[arg-type]
     pools: list[Pool] = []
     if args.jsonl:

@@ -4,7 +4,7 @@ Fits services.scorer.policy.model.LRClassifier (the scorer's own model) on `n` l
 random from a benchmark pool (embeddings and zero-shot from the real CPU labeler, cached as in
 loadtests.al_offline) and scores the rest of the pool: accuracy, and the accuracy of its most
 confident half (what automatic acceptance draws on). Each fixed penalty of `--l2`, and `chosen`:
-the penalty the model picks by out-of-fold log-loss (LRPolicyConfig.l2_grid, policy.model.choose_l2).
+the penalty the model picks by out-of-fold log-loss (LRPolicyConfig.l2_grid, policy.model.choose_fit).
 
 `oracle T`: with the chosen penalty, the smallest human share (the `n` labels plus the least
 confident rest, people erring at --annotator-error) at which the dataset would reach target T if
@@ -35,6 +35,17 @@ def scores(clf: LRClassifier, X: np.ndarray, gold: np.ndarray) -> tuple[float, f
     return float(right.mean()), float(right[top].mean())
 
 
+def self_train(
+    clf: LRClassifier, X: np.ndarray, y: np.ndarray, unlabeled: np.ndarray, threshold: float, rounds: int
+) -> None:
+    """Refit `rounds` times with the unlabeled rows the model predicts at or above `threshold` as
+    pseudo-labels (LRClassifier.fit's `pseudo`, weighted by config.pseudo_label_weight)."""
+    for _ in range(rounds):
+        p = clf.predict_proba(unlabeled)
+        sure = p.max(axis=1) >= threshold
+        clf.fit(X, y, pseudo=(unlabeled[sure], p[sure].argmax(axis=1)))
+
+
 def oracle_share(
     conf: np.ndarray, right: np.ndarray, labeled: int, target: float, annotator_error: float
 ) -> float:
@@ -56,6 +67,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--l2", type=float, nargs="*", default=[0.001, 0.01, 0.1, 0.3], help="fixed penalties")
     ap.add_argument("--targets", type=float, nargs="*", default=[0.95, 0.98], help="oracle human share at")
     ap.add_argument("--annotator-error", type=float, default=0.02)
+    ap.add_argument(
+        "--self-train",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="WEIGHT",
+        help="also the chosen penalty with self-training at these pseudo-label weights",
+    )
+    ap.add_argument(
+        "--self-train-threshold",
+        type=float,
+        default=0.98,
+        help="pseudo-label unlabeled rows predicted at least this",
+    )
+    ap.add_argument("--self-train-rounds", type=int, default=2, help="refits on pseudo-labels per fit")
     args = ap.parse_args(argv)
     oracles = "".join(f" {'oracle ' + format(t, 'g'):>11}" for t in args.targets)
     print(
@@ -74,12 +100,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 train, rest = order[:n], order[n:]
                 configs = [(f"{v:g}", LRPolicyConfig(l2=v, l2_grid=())) for v in args.l2]
                 configs.append(("chosen", LRPolicyConfig()))
+                configs += [
+                    (
+                        f"st {w:g}",
+                        LRPolicyConfig(
+                            pseudo_label_weight=w, pseudo_label_threshold=args.self_train_threshold
+                        ),
+                    )
+                    for w in args.self_train
+                ]
                 for key, cfg in configs:
                     clf = LRClassifier(enc.label_emb, cfg)
                     clf.fit(X[train], gold[train])
+                    if cfg.pseudo_label_weight > 0:
+                        self_train(
+                            clf,
+                            X[train],
+                            gold[train],
+                            X[rest],
+                            args.self_train_threshold,
+                            args.self_train_rounds,
+                        )
                     row: tuple[float, ...] = scores(clf, X[rest], gold[rest])
-                    if key == "chosen":
-                        key = f"chosen {clf.l2:g}"
+                    if key == "chosen" or key.startswith("st "):
+                        key = f"chosen {clf.l2:g} nb {clf.neighbours_weight:g}" if key == "chosen" else key
                         p = clf.predict_proba(X[rest])
                         right = p.argmax(axis=1) == gold[rest]
                         row += tuple(
