@@ -69,7 +69,7 @@ def test_the_neighbours_view_is_chosen_where_a_linear_boundary_fails() -> None:
     emb, y, desc = _pockets(per_pocket=60, seed=2)
     flat = np.full((y.size, 2), 0.5)
     X = features(emb, flat)
-    cfg = LRPolicyConfig(min_lr_labels=10)
+    cfg = LRPolicyConfig(min_lr_labels=10, neighbours_weights=(0.0, 0.25, 0.5, 0.75))
     chosen = choose_fit(desc, cfg, X[:160], y[:160], np.ones(160))
     assert chosen.neighbours_weight > 0
     clf = LRClassifier(desc, cfg)
@@ -81,3 +81,7 @@ def test_the_neighbours_view_is_chosen_where_a_linear_boundary_fails() -> None:
     alone_acc = (alone.predict_proba(X[rest]).argmax(axis=1) == y[rest]).mean()
     assert alone.neighbours_weight == 0 and alone_acc < 0.75
     assert blended_acc > 0.9
+    # The label-error audit's out-of-fold predictions use both views too (neighbours from the
+    # other folds only).
+    clf.refresh_oof()
+    assert (clf.oof_proba().argmax(axis=1) == y[:160]).mean() > 0.85

@@ -74,9 +74,12 @@ class LRPolicyConfig:
     pseudo_label_threshold: float = 0.98
     # The neighbours' view (policy.neighbours): the labels of the k most similar labeled items, mixed
     # into the regression's distribution at the weight of this grid with the lowest out-of-fold
-    # log-loss, chosen with the penalty (an empty l2_grid chooses nothing: the regression alone). Measured on 1,000 random labels (loadtests.model_curves):
-    # accuracy 0.865 -> 0.879 on AG News, 0.844 -> 0.859 on Banking77, 0.882 -> 0.893 on CLINC150.
-    neighbours_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    # log-loss, chosen with the penalty (an empty l2_grid chooses nothing: the regression alone).
+    # Off by default, (0.0,): offline (loadtests.al_offline, 0.95) the grid (0.0, 0.25, 0.5, 0.75)
+    # cut the human share on AG News 0.625 -> 0.561, Banking77 0.690 -> 0.568, CLINC150
+    # 0.429 -> 0.409, but through the real services (tandem bench labeling, one run each) it cost
+    # more: CLINC150 68.8% against 52.4%, Banking77 59.6% against 57.6% (docs/benchmarks.md, P-nb).
+    neighbours_weights: tuple[float, ...] = (0.0,)
     neighbours_k: int = 10
     neighbours_temperature: float = 0.05
     # At most this many labeled rows vote (evenly spaced in arrival order): a re-scored slice costs
