@@ -448,10 +448,12 @@ class Scorer:
     async def _check_quiet_labels(self) -> None:
         """While no project waits for a refit, check the labels the last out-of-fold predictions
         missed (ProjectModel.labels_unchecked): a burst's last labels get their second opinions
-        without every refit paying for the fold fits. One project per pass, so new labels wait at
-        most one check."""
+        without every refit paying for the fold fits. Only projects that had no labels or
+        predictions for five refit intervals: a check takes seconds, and while people are labeling
+        the next refit must not wait for it. One project per pass."""
+        quiet_since = time.monotonic() - 5 * self._settings.refit_seconds
         for project_id, model in list(self._models.items()):
-            if not model.labels_unchecked():
+            if self._used.get(project_id, 0.0) > quiet_since or not model.labels_unchecked():
                 continue
             try:
                 await asyncio.to_thread(model.check_labels)
