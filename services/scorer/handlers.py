@@ -511,8 +511,9 @@ class Scorer:
             # same at a million waiting items as at ten thousand, and every item is re-scored
             # once every len(queue) / rescore_slice_items refits.
             part = queue.next_slice(self._settings.rescore_slice_items)
-            # The slice's predictions (the neighbours' view compares it with every labeled item) in
-            # a worker thread: the lock keeps this project's handlers waiting, not the event loop.
+            # The slice's predictions in a worker thread (with the neighbours' view on they compare
+            # it with every labeled item): the lock keeps this project's handlers waiting, not the
+            # event loop.
             probs = await asyncio.to_thread(model.predict_proba, part.X) if len(part.X) else None
             result = model.rescore(
                 part.X,
