@@ -414,8 +414,13 @@ def choose_fit(
                     config.neighbours_temperature,
                 )
         for weight in weights:
-            mixed = blend(p, near, weight)[scored, y[scored]]
-            loss = -float(w[scored] @ np.log(np.maximum(mixed, _EPS)))
+            mixed = blend(p, near, weight)
+            # Summed fold by fold, in fold order: with the view off the losses are bit for bit
+            # those of the penalty choice before the view, and so are its choices on near-ties.
+            loss = 0.0
+            for f in range(folds):
+                held = (fold == f) & scored
+                loss -= float(w[held] @ np.log(np.maximum(mixed[held, y[held]], _EPS)))
             if loss < best_loss:
                 best, best_loss = FitChoice(l2, weight), loss
     return best
