@@ -341,15 +341,13 @@ class LRClassifier:
             init = self._fold_params.get(f, _Params(np.zeros((self._d, self._k)), np.zeros(self._k), 1.0))
             params = self._lr_fold().fit(Xt[train], yt[train], wt[train], init=init)
             self._fold_params[f] = params
-            # The neighbours vote from the same training rows (labeled ones: `fold` covers only those).
             held_X = self._X[held]
-            out[held] = self._with_neighbours(
-                self._lr.proba_with(params, held_X),
-                held_X,
-                unit_rows(self._X[train, : self._d]),
-                yt[train],
-                wt[train],
-            )
+            p = self._lr.proba_with(params, held_X)
+            if self.neighbours_weight > 0:
+                # The neighbours vote from the same training rows (labeled ones: `fold` covers only those).
+                ref = unit_rows(self._X[train, : self._d])
+                p = self._with_neighbours(p, held_X, ref, yt[train], wt[train])
+            out[held] = p
         # Set together: label_issues reads the predictions against the labels they cover.
         self._oof, self.oof_labels = out, n
 
@@ -388,14 +386,15 @@ def choose_fit(
     fold = fold_of(int(y.size), folds)
     k, d = int(label_embeddings.shape[0]), int(label_embeddings.shape[1])
     weights = sorted(set(config.neighbours_weights) | {0.0})
-    unit = unit_rows(X[:, :d])
+    with_view = len(weights) > 1
+    unit = unit_rows(X[:, :d]) if with_view else X[:, :0]
     starts = [_Params(np.zeros((d, k)), np.zeros(k), 1.0) for _ in range(folds)]
     best, best_loss = FitChoice(grid[0], 0.0), np.inf
     scored = np.zeros(y.size, dtype=bool)
     for l2 in grid:
         model = PriorLogisticRegression(label_embeddings, config, l2)
         p = np.full((y.size, k), 1.0 / k, dtype=np.float32)
-        near = p.copy()
+        near = p.copy() if with_view else p  # with the view off, blend(p, near, 0) is p
         for f in range(folds):
             held = fold == f
             if not held.any() or held.all():
@@ -403,7 +402,7 @@ def choose_fit(
             starts[f] = model.fit(X[~held], y[~held], w[~held], init=starts[f])
             p[held] = model.proba_with(starts[f], X[held])
             scored |= held
-            if len(weights) > 1:
+            if with_view:
                 near[held] = neighbour_proba(
                     unit[~held],
                     y[~held],
