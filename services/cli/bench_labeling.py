@@ -110,10 +110,12 @@ def load_pool(options: BenchOptions, labels: dict[str, str], seed: int) -> list[
 
 
 def labeler_only(records: list[Record], labels: dict[str, str]) -> float:
-    """Zero-shot accuracy of the CPU labeler with the same descriptions the services use."""
-    from services.inference.minilm import MiniLMLabeler
+    """Zero-shot accuracy of the CPU labeler with the same descriptions and sentence model
+    (TANDEM_INFERENCE_ENCODER) the services use."""
+    from services.inference.sentence_labeler import SentenceLabeler
+    from services.inference.settings import InferenceSettings
 
-    labeler = MiniLMLabeler()
+    labeler = SentenceLabeler(encoder=InferenceSettings().encoder)
     names = list(labels)
     label_emb = labeler.embed_labels(list(labels.items()))
     probs = labeler.zero_shot(labeler.embed([r.text.decode("utf-8", "replace") for r in records]), label_emb)

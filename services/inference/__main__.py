@@ -12,6 +12,7 @@ from services.common.projects import ProjectDirectory
 from services.gen.tandem.inference.v1 import inference_pb2_grpc
 from services.inference.backend import EngineDeadError, LLMBackend
 from services.inference.cpu_backend import CpuBackend
+from services.inference.encoders import encoder_named
 from services.inference.handlers import InferenceServicer, PrelabelHandler
 from services.inference.prompts import DemoSource
 from services.inference.settings import InferenceSettings
@@ -23,13 +24,16 @@ def build_backend(settings: InferenceSettings, demos: DemoSource | None = None) 
 
         return ReplayBackend()
     cpu = CpuBackend(
-        torch_threads=settings.torch_threads, batch_size=settings.batch_size, temperature=settings.temperature
+        encoder=encoder_named(settings.encoder),
+        torch_threads=settings.torch_threads,
+        batch_size=settings.batch_size,
+        temperature=settings.temperature,
     )
     if settings.backend == "cpu":
         return cpu
     # The LLM backends give no embeddings of their own; the scorer's centroids need them, so the
-    # MiniLM model runs next to the LLM unless it is switched off.
-    embedder = cpu if settings.embedder == "minilm" else None
+    # sentence model runs next to the LLM unless it is switched off.
+    embedder = cpu if settings.embedder == "sentence" else None
     if settings.backend == "vllm":
         # Imported here: the module is cheap, but keeps the CPU path free of anything vLLM.
         from services.inference.vllm_backend import VllmBackend, VllmConfig

@@ -11,15 +11,24 @@ import numpy as np
 
 from services.common.projects import ProjectSpec
 from services.inference.backend import EngineDeadError, GenerationUnsupported, Prelabels
-from services.inference.minilm import MiniLMLabeler, label_texts
+from services.inference.encoders import MINILM, Encoder
+from services.inference.sentence_labeler import SentenceLabeler, label_texts
 
 
 class CpuBackend:
-    def __init__(self, *, torch_threads: int = 1, batch_size: int = 32, temperature: float = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        encoder: Encoder = MINILM,
+        torch_threads: int = 1,
+        batch_size: int = 32,
+        temperature: float = 0.05,
+    ) -> None:
+        self._encoder = encoder
         self._torch_threads = torch_threads
         self._batch_size = batch_size
         self._temperature = temperature
-        self._labeler: MiniLMLabeler | None = None
+        self._labeler: SentenceLabeler | None = None
         # One thread: the model is CPU-bound and torch is pinned to its own threads; the event loop
         # stays free for heartbeats and health checks.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labeler")
@@ -27,14 +36,15 @@ class CpuBackend:
 
     @property
     def model_id(self) -> str:
-        return self._labeler.model_id if self._labeler is not None else "all-MiniLM-L6-v2"
+        return self._labeler.model_id if self._labeler is not None else self._encoder.model_name
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             self._labeler = await loop.run_in_executor(
                 self._executor,
-                lambda: MiniLMLabeler(
+                lambda: SentenceLabeler(
+                    encoder=self._encoder,
                     torch_threads=self._torch_threads,
                     batch_size=self._batch_size,
                     temperature=self._temperature,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -23,7 +23,10 @@ class InferenceSettings(ServiceSettings):
     # max payload is 1 MiB; embeddings make a labeled batch several times its input's size).
     publish_max_bytes: int = Field(default=900 * 1024, ge=16 * 1024)
 
-    # -- cpu: the MiniLM zero-shot labeler (also the embedder of the other backends) ---------
+    # -- cpu: the sentence-model zero-shot labeler (also the embedder of the other backends) --
+    # minilm: all-MiniLM-L6-v2, fast; mpnet: all-mpnet-base-v2, stronger and ~6x slower on CPU,
+    # from the optional extra tandem[mpnet] (services/inference/encoders.py).
+    encoder: Literal["minilm", "mpnet"] = "minilm"
     # One torch thread: on small shared machines more threads contend and run slower.
     torch_threads: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -35,9 +38,9 @@ class InferenceSettings(ServiceSettings):
     # choice: one prefix-cached request per item (4x to 12x the items/s of score on CPU, same
     # accuracy on AG News with the tiny model); labels sharing a first token are scored anyway.
     label_method: Literal["score", "choice"] = "choice"
-    # minilm: embeddings from the CPU MiniLM model next to the LLM, for the scorer; none: no
-    # embeddings (the scorer then has only the label distribution to work with).
-    embedder: Literal["minilm", "none"] = "minilm"
+    # sentence: embeddings from the CPU sentence model (`encoder`) next to the LLM, for the
+    # scorer; none: no embeddings (the scorer then has only the label distribution to work with).
+    embedder: Literal["sentence", "none"] = "sentence"
     # Requests in flight at once: enough to keep continuous batching full, bounded so one huge
     # batch cannot queue unbounded work.
     max_concurrency: int = Field(default=256, ge=1)
@@ -60,6 +63,12 @@ class InferenceSettings(ServiceSettings):
     openai_api_key: SecretStr = SecretStr("")
     openai_timeout_seconds: float = Field(default=60.0, gt=0)
     openai_max_attempts: int = Field(default=5, ge=1)
+
+    @field_validator("embedder", mode="before")
+    @classmethod
+    def _embedder_alias(cls, value: object) -> object:
+        # "minilm" named the sentence embedder when it was the only one; old configs keep working.
+        return "sentence" if value == "minilm" else value
 
     @model_validator(mode="after")
     def _backend_needs(self) -> Self:

@@ -92,3 +92,16 @@ def test_llm_backends_need_a_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_INFERENCE_BACKEND", "openai")
     with pytest.raises(ValidationError):
         InferenceSettings()
+
+
+def test_the_encoder_is_chosen_by_name_and_the_old_embedder_name_still_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert (InferenceSettings().encoder, InferenceSettings().embedder) == ("minilm", "sentence")
+    monkeypatch.setenv("TANDEM_INFERENCE_ENCODER", "mpnet")
+    monkeypatch.setenv("TANDEM_INFERENCE_EMBEDDER", "minilm")
+    s = InferenceSettings()
+    assert (s.encoder, s.embedder) == ("mpnet", "sentence")
+    monkeypatch.setenv("TANDEM_INFERENCE_ENCODER", "bert")
+    with pytest.raises(ValidationError):
+        InferenceSettings()

