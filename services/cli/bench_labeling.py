@@ -48,6 +48,9 @@ class BenchOptions:
     guarantee: str = "dataset"
     human_error: float = 0.02
     baseline: bool = True
+    # The CPU labeler's sentence model (services/inference/encoders.py), for the stack and the
+    # labeler-only baseline alike.
+    encoder: str = "minilm"
     state_dir: Path = Path(".state/bench")
     out: Path | None = None
     nats_url: str | None = None
@@ -109,13 +112,12 @@ def load_pool(options: BenchOptions, labels: dict[str, str], seed: int) -> list[
     return records
 
 
-def labeler_only(records: list[Record], labels: dict[str, str]) -> float:
-    """Zero-shot accuracy of the CPU labeler with the same descriptions and sentence model
-    (TANDEM_INFERENCE_ENCODER) the services use."""
+def labeler_only(records: list[Record], labels: dict[str, str], encoder: str) -> float:
+    """Zero-shot accuracy of the CPU labeler with the same descriptions and sentence model the
+    services use."""
     from services.inference.sentence_labeler import SentenceLabeler
-    from services.inference.settings import InferenceSettings
 
-    labeler = SentenceLabeler(encoder=InferenceSettings().encoder)
+    labeler = SentenceLabeler(encoder=encoder)
     names = list(labels)
     label_emb = labeler.embed_labels(list(labels.items()))
     probs = labeler.zero_shot(labeler.embed([r.text.decode("utf-8", "replace") for r in records]), label_emb)
@@ -258,7 +260,12 @@ async def run_bench(options: BenchOptions) -> list[RunResult]:
     results: list[RunResult] = []
     with console.status("starting the stack…"):
         stack = await asyncio.to_thread(
-            Stack(options.state_dir, nats_url=options.nats_url, database_url=options.database_url).start
+            Stack(
+                options.state_dir,
+                nats_url=options.nats_url,
+                database_url=options.database_url,
+                extra_env={"TANDEM_INFERENCE_ENCODER": options.encoder},
+            ).start
         )
     try:
         async with Clients(stack.targets, token=stack.admin_token) as clients:
@@ -266,7 +273,7 @@ async def run_bench(options: BenchOptions) -> list[RunResult]:
                 seed = options.seed + rep
                 records = load_pool(options, labels, seed)
                 with console.status(f"labeler-only baseline on {len(records):,} items…"):
-                    zero_shot = await asyncio.to_thread(labeler_only, records, labels)
+                    zero_shot = await asyncio.to_thread(labeler_only, records, labels, options.encoder)
                 name = dataset_name(options.data)
                 results.append(
                     RunResult(name, "labeler", 0.0, 0.0, seed, len(records), zero_shot, 0, 0, 0, 0, 0)
