@@ -9,8 +9,8 @@ the certificate (``certificate``) says what the final dataset is certified to.
 
 Embeddings and the zero-shot distribution come from the real CPU labeler (SentenceLabeler, MiniLM
 unless ``--encoder mpnet``), cached under /tmp/tandem_al. Simulated annotators err at rate e (a wrong
-label uniform over the other classes). People's queue is served audits first (proposed items drawn for an audit, priority
-routing.AUDIT_PRIORITY and above every ambiguity), then by the priority ProjectModel gave each item;
+label uniform over the other classes). People's queue is served audits first (proposed items drawn
+for an audit, priority routing.AUDIT_PRIORITY and above every ambiguity), then by the priority ProjectModel gave each item;
 proposed items that were not audited wait for their batch's certificate and leave people's queue,
 and come back to it if their batch is handed back (then ahead of everything but audits,
 routing.HANDED_BACK_PRIORITY). Optionally the scorer's confident-learning second opinions run after
@@ -67,6 +67,7 @@ import yaml
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from services.common.projects import LabelSpec, ProjectSpec
+from services.inference.encoders import ENCODERS, MINILM
 from services.scorer.policy.features import features
 from services.scorer.policy.model import LRPolicyConfig
 from services.scorer.policy.routing import HANDED_BACK_PRIORITY
@@ -744,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--set", nargs="*", default=[], help="LRPolicyConfig overrides, e.g. l2=0.1 folds=5 l2_grid=0.01,0.1"
     )
     ap.add_argument(
-        "--encoder", choices=["minilm", "mpnet"], default="minilm", help="the CPU labeler's sentence model"
+        "--encoder", choices=list(ENCODERS), default=MINILM.name, help="the CPU labeler's sentence model"
     )
     ap.add_argument("--validity", action="store_true", help="many seeds, four conditions (see above)")
     ap.add_argument("--seeds", type=int, default=20, help="validity: seeds per configuration")

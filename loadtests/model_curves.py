@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from loadtests.al_offline import BUILTIN, builtin_pool, encode
+from services.inference.encoders import ENCODERS, MINILM
 from services.scorer.policy.features import features
 from services.scorer.policy.model import LRClassifier, LRPolicyConfig
 
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="pseudo-label unlabeled rows predicted at least this",
     )
     ap.add_argument(
-        "--encoder", choices=["minilm", "mpnet"], default="minilm", help="the CPU labeler's sentence model"
+        "--encoder", choices=list(ENCODERS), default=MINILM.name, help="the CPU labeler's sentence model"
     )
     ap.add_argument("--self-train-rounds", type=int, default=2, help="refits on pseudo-labels per fit")
     args = ap.parse_args(argv)

