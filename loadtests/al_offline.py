@@ -267,6 +267,7 @@ def project_spec(
     audit_rate: float = 0.0,
     budget_items: int = 0,
     budget_share: float = 0.0,
+    blind: bool = False,
 ) -> ProjectSpec:
     return ProjectSpec(
         project_id=name,
@@ -280,6 +281,7 @@ def project_spec(
         guarantee=guarantee,
         delta=delta,
         human_error=human_error,
+        hide_suggestions=blind,
     )
 
 
@@ -520,6 +522,7 @@ class ValiditySettings:
     refit_growth: float
     arrival_ratio: float
     second_opinions: int
+    blind: bool = False
 
 
 # Filled before the workers fork (they inherit it): dataset name -> (pool, encoding).
@@ -543,7 +546,15 @@ def run_validity_task(task: ValidityTask, settings: ValiditySettings) -> tuple[V
     part = Encoded(enc.emb[pick], enc.label_emb, enc.zero_shot[pick])
     rng = np.random.default_rng(_seed_of("condition", task.dataset, task.condition, task.seed))
     inputs = condition_inputs(part, gold, task.condition, rng)
-    spec = project_spec(pool.name, pool.labels, task.target, "dataset", settings.human_error, settings.delta)
+    spec = project_spec(
+        pool.name,
+        pool.labels,
+        task.target,
+        "dataset",
+        settings.human_error,
+        settings.delta,
+        blind=settings.blind,
+    )
     params = SimParams(
         seed=_seed_of("run", task.dataset, task.condition, task.target, task.seed),
         annotator_error=settings.annotator_error,
@@ -655,6 +666,7 @@ def validity_main(args: argparse.Namespace, datasets: list[str]) -> int:
         refit_growth=0.2 if args.refit_growth is None else args.refit_growth,
         arrival_ratio=3.0 if args.arrival_ratio is None else args.arrival_ratio,
         second_opinions=args.second_opinions,
+        blind=args.blind,
     )
     print(f"settings: {settings}", flush=True)
     # Seeds outermost, so a run stopped early has every configuration at about the same count.
@@ -698,7 +710,8 @@ def report_run(name: str, target: float, guarantee: str, seed: int, r: SimResult
         f"{name:<10} {target:>6.2f} {guarantee:<9} {seed:>4d} {r.items:>6d} {r.human_share:>6.3f} "
         f"{r.auto:>6d} {_pct(r.auto_accuracy):>7} {r.model_labeled:>6d} {r.final_accuracy:>7.4f} "
         f"{r.lower_bound:>7.4f} {'yes' if r.certified else 'no':>5} {r.audits:>6d}/{r.audit_disagreements:<4d} "
-        f"{r.batches:>4d}/{r.rejected_batches:<3d} {r.refits:>5d} {r.seconds:>7.1f}"
+        f"{r.batches:>4d}/{r.rejected_batches:<3d} {r.adjudicated + r.second_opinions:>5d} {r.refits:>5d} "
+        f"{r.seconds:>7.1f}"
     )
 
 
@@ -709,7 +722,7 @@ def _pct(x: float) -> str:
 RUN_HEAD = (
     f"{'dataset':<10} {'target':>6} {'guarantee':<9} {'seed':>4} {'items':>6} {'human':>6} {'auto':>6} "
     f"{'autoacc':>7} {'model':>6} {'final':>7} {'lower':>7} {'cert':>5} {'audits/dis':>11} "
-    f"{'bat/rej':>8} {'refit':>5} {'sec':>7}"
+    f"{'bat/rej':>8} {'2nd':>5} {'refit':>5} {'sec':>7}"
 )
 
 
@@ -741,6 +754,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--arrival-ratio", type=float, help="stream: items per human label (validity stream: 3)")
     ap.add_argument("--pool-size", type=int, help="random subsample of the pool (validity default 1500)")
     ap.add_argument("--second-opinions", type=int, default=0, help="label_issues second opinions per refit")
+    ap.add_argument(
+        "--blind",
+        action="store_true",
+        help="people label blind (the project hides suggestions): every label that disagrees with the "
+        "model goes to a second person and people's errors are bounded from the checks",
+    )
     ap.add_argument(
         "--set", nargs="*", default=[], help="LRPolicyConfig overrides, e.g. l2=0.1 folds=5 l2_grid=0.01,0.1"
     )
@@ -814,6 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.audit_rate,
                     args.budget_items,
                     args.budget_share,
+                    blind=args.blind,
                 )
                 for seed in range(args.first_seed, args.first_seed + args.repeat):
                     params = SimParams(
@@ -830,7 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "human = share labeled by people (audits included); auto = accepted automatically (autoacc vs gold); "
         "model = finalized by the model when the budget ran out;\nfinal = final dataset accuracy vs gold; "
         "lower = certified lower bound at the end; cert = lower >= target; audits/dis = audit labels / "
-        "disagreements that stood; bat/rej = proposal batches / handed back."
+        "disagreements that stood; bat/rej = proposal batches / handed back; 2nd = second opinions (labels "
+        "beyond one per item, not in human)."
     )
     return 0
 

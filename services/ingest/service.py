@@ -215,10 +215,13 @@ def validate_project(spec: ProjectSpec) -> ProjectSpec:
         raise InvalidProject("delta must be in (0, 0.5]")
     if not 0.0 <= spec.human_error < 0.5:
         raise InvalidProject("human_error must be in [0, 0.5)")
-    if guarantee == "dataset" and spec.human_error > 1.0 - target:
-        # Even a dataset labeled entirely by people would miss the target.
+    if guarantee == "dataset" and spec.human_error > 1.0 - target and not spec.hide_suggestions:
+        # Even a dataset labeled entirely by people would miss the target. People who label blind
+        # have every label the model disagrees with checked by a second person, which can.
         raise InvalidProject(
             f"a dataset target of {target} cannot be met by people who err at {spec.human_error}"
+            " unless they label blind (hide_suggestions: disagreements with the model then go to a"
+            " second person)"
         )
     _validate_workforce(spec)
     return ProjectSpec(

@@ -185,7 +185,11 @@ class Scorer:
             model.restore_proposal(entry, p.state)
         if len(labeled.y):
             adjudicate = model.add_labels(
-                features(labeled.embeddings, labeled.zero_shot), labeled.y, labeled.item_ids, labeled.weights
+                features(labeled.embeddings, labeled.zero_shot),
+                labeled.y,
+                labeled.item_ids,
+                labeled.weights,
+                check=False,
             )
             # add_labels saw the labels as they are now; the audit outcome rests on the first label.
             for p in proposals:
@@ -193,7 +197,18 @@ class Scorer:
                     model.book.record_label(p.item_id, p.first_label)
                     model.record_second_opinion(p.item_id, p.second_label)
             unasked = {p.item_id for p in proposals if not p.second_requested}
-            self._unasked[project.project_id] = [a for a in adjudicate if a[0] in unasked]
+            waiting = [a for a in adjudicate if a[0] in unasked]
+            weights = np.ones(len(labeled.y)) if labeled.weights is None else labeled.weights
+            for item_id, check, weight in zip(
+                labeled.item_ids, labeled.checks, weights.tolist(), strict=True
+            ):
+                against = check.checked_label
+                asks = model.restore_check(
+                    item_id, check.first, against, weight == 1.0, check.second, check.final
+                )
+                if asks and against is not None and item_id not in labeled.second_opinion_asked:
+                    waiting.append((item_id, against))
+            self._unasked[project.project_id] = list(dict(waiting).items())
         # Seconds on a large label space after a restart: off the event loop.
         await asyncio.to_thread(model.refit)
         self._models[project.project_id] = model
@@ -377,6 +392,12 @@ class Scorer:
                     [n.item_id for n in new],
                     np.array([n.weight for n in new]),
                 )
+                checked = model.human_checks.checked_against([n.item_id for n in new])
+                if checked:
+                    # Before the second opinions: after a restart a check without its model label
+                    # replays as an unchecked label (counted at h), never as a settled one.
+                    async with self._pool.acquire() as conn:
+                        await repo.record_checked_labels(conn, checked)
                 await self._ask_second_opinions(model, adjudicate, f"adjudicate:{delivery.msg_id}")
                 if model.budget_spent():
                     if not was_spent:

@@ -92,6 +92,16 @@ async def save_model_state(
 
 
 @dataclass(frozen=True)
+class StoredCheck:
+    """What a label's check (policy.human_checks) is replayed from after a restart."""
+
+    first: int  # the first person's label
+    checked_label: int | None  # the model's label it was checked against
+    second: int | None  # a second person's label
+    final: int  # the label now
+
+
+@dataclass(frozen=True)
 class HumanLabels:
     embeddings: np.ndarray
     zero_shot: np.ndarray
@@ -99,11 +109,13 @@ class HumanLabels:
     item_ids: list[str]
     second_opinion_asked: set[str]
     weights: np.ndarray | None = None  # the aggregate's posterior per label (None = all 1)
+    checks: list[StoredCheck] = field(default_factory=list)  # one per label, in the same order
 
 
 async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> HumanLabels:
     rows = await conn.fetch(
-        "SELECT item_id, embedding, zero_shot, human_label, human_weight, second_opinion_requested FROM scorer.items"
+        "SELECT item_id, embedding, zero_shot, human_label, human_weight, second_opinion_requested,"
+        " checked_label, first_label, second_label FROM scorer.items"
         " WHERE project_id = $1 AND human_label IS NOT NULL ORDER BY labeled_at, item_id",
         project_id,
     )
@@ -117,7 +129,27 @@ async def load_human_labels(conn: asyncpg.Connection, project_id: str) -> HumanL
         item_ids=[str(r["item_id"]) for r in rows],
         second_opinion_asked={str(r["item_id"]) for r in rows if r["second_opinion_requested"]},
         weights=np.array([r["human_weight"] for r in rows], dtype=np.float64),
+        checks=[
+            StoredCheck(
+                r["human_label"] if r["second_label"] is None else r["first_label"],
+                r["checked_label"],
+                r["second_label"],
+                r["human_label"],
+            )
+            for r in rows
+        ],
     )
+
+
+async def record_checked_labels(conn: asyncpg.Connection, checked: Sequence[tuple[str, int]]) -> None:
+    """The model's label each checked human label was compared with: (item id, label)."""
+    if checked:
+        await conn.execute(
+            "UPDATE scorer.items i SET checked_label = c.label FROM unnest($1::uuid[], $2::int[])"
+            " AS c(item_id, label) WHERE i.item_id = c.item_id AND i.checked_label IS NULL",
+            [c[0] for c in checked],
+            [c[1] for c in checked],
+        )
 
 
 @dataclass(frozen=True)

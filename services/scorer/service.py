@@ -14,7 +14,14 @@ import numpy as np
 
 from services.common.projects import ProjectSpec
 from services.scorer.policy.budget import HumanBudget
-from services.scorer.policy.certification import Assumptions, Certificate, Guarantee, Tally
+from services.scorer.policy.certification import (
+    Assumptions,
+    Certificate,
+    Guarantee,
+    Tally,
+    human_error_rate,
+)
+from services.scorer.policy.human_checks import HumanCheckBook
 from services.scorer.policy.labels_audit import label_issues
 from services.scorer.policy.model import LRClassifier, LRPolicyConfig
 from services.scorer.policy.proposals import (
@@ -110,8 +117,10 @@ class ProjectModel:
             delta=project.delta or 0.05,
             human_error=project.human_error,
             n_classes=k,
+            blind=project.hide_suggestions,
         )
         self.book = ProposalBook(self.assumptions)
+        self.human_checks = HumanCheckBook(project.hide_suggestions)
         self.budget = HumanBudget(project.human_budget_items, project.human_budget_share)
         # Grown by doubling: labels arrive one by one, and copying the whole matrix per label
         # would make a long project quadratic.
@@ -147,15 +156,27 @@ class ProjectModel:
         return self._n
 
     def add_labels(
-        self, X: np.ndarray, y: np.ndarray, item_ids: list[str], weights: np.ndarray | None = None
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        item_ids: list[str],
+        weights: np.ndarray | None = None,
+        *,
+        check: bool = True,
     ) -> list[tuple[str, int]]:
         """Append human labels in arrival order. A label on a proposed item is also its audit
-        outcome (or, for an item handed back to people, its disagreement become known).
+        outcome (or, for an item handed back to people, its disagreement become known). In a
+        project whose people label blind, every one person's label is checked against the model's
+        label (the proposed one, else the model's own before it learns this label: the person
+        never saw it). `check=False` only trains (a restart replays the checks: restore_check).
 
-        Returns the proposed items (audits, or handed back) whose label disagrees with the model:
-        (item id, the model's label), to go to a second person (see record_second_opinion)."""
+        Returns the items whose label disagrees with the model where that calls for a second person
+        (a proposed item, or any checked label): (item id, the model's label); see
+        record_second_opinion."""
         if len(y) == 0:
             return []
+        checked = check and self.human_checks.blind
+        before = self.predict_proba(X).argmax(axis=1).tolist() if checked else [None] * len(y)
         end = self._n + len(y)
         if end > len(self._y):
             capacity = max(end, 2 * len(self._y))
@@ -169,23 +190,44 @@ class ProjectModel:
         self._w[self._n : end] = 1.0 if weights is None else np.asarray(weights, dtype=np.float64)
         self._n = end
         adjudicate = []
-        for item_id, label in zip(item_ids, np.asarray(y).tolist(), strict=True):
+        single = (self._w[end - len(y) : end] == 1.0).tolist()
+        for item_id, label, model_label, one in zip(
+            item_ids, np.asarray(y).tolist(), before, single, strict=True
+        ):
             self._rows[item_id] = len(self.item_ids)
             self.item_ids.append(item_id)
-            if self.book.record_label(item_id, int(label)):
-                entry = self.book.latest(item_id)
-                assert entry is not None
-                adjudicate.append((item_id, entry.label))
+            entry = self.book.latest(item_id)
+            if entry is not None:
+                model_label = entry.label  # fixed when it was proposed
+            asks = self.book.record_label(item_id, int(label))
+            if check and self.human_checks.record(item_id, int(label), model_label, one):
+                asks = True
+            if asks:
+                adjudicate.append((item_id, int(model_label if entry is None else entry.label)))
         self.pending_labels += len(y)
         return adjudicate
+
+    def restore_check(
+        self, item_id: str, first: int, model_label: int | None, single: bool, second: int | None, final: int
+    ) -> bool:
+        """Replay a stored label's check after a restart (the labels went in with check=False).
+        Returns True when it waits for a second person nobody was asked for yet."""
+        asks = self.human_checks.record(item_id, first, model_label, single)
+        if second is not None:
+            self.human_checks.record_second(item_id, second)
+            if final != first:
+                self.human_checks.replaced(item_id)
+        return asks and second is None
 
     def record_second_opinion(self, item_id: str, label: int) -> None:
         """A second person's label: settles a disagreeing audit; when it sides with the model the
         first label is corrected (two of three votes)."""
         self.book.record_second_opinion(item_id, label)
+        self.human_checks.record_second(item_id, label)
 
     def relabel(self, item_id: str, label: int) -> None:
         """A second opinion corrected a human label: train on the corrected one."""
+        self.human_checks.replaced(item_id)
         row = self._rows.get(item_id)
         if row is not None:
             self._y[row] = label
@@ -248,9 +290,10 @@ class ProjectModel:
         """Counts the certificate rests on. Items nobody decided yet count as future human labels
         (they are, unless the budget runs out: then they count as unchecked model labels)."""
         undecided = max(self.seen - self.auto - self.n_labels - self.model_labeled, 0)
+        checks = self.human_checks.counts()
         if undecided_as_human:
-            return Tally(self.seen, self.auto, self.n_labels + undecided, self.model_labeled)
-        return Tally(self.seen, self.auto, self.n_labels, self.model_labeled + undecided)
+            return Tally(self.seen, self.auto, self.n_labels + undecided, self.model_labeled, checks)
+        return Tally(self.seen, self.auto, self.n_labels, self.model_labeled + undecided, checks)
 
     def certificate(self) -> Certificate:
         return self.book.certificate(self.tally())
@@ -267,7 +310,7 @@ class ProjectModel:
         auto_rate = min(weighted / max(len(ledger.audit_prob) - int(ledger.audited.sum()), 1), 1.0)
         if self.assumptions.guarantee is Guarantee.AUTOMATIC:
             return 1.0 - auto_rate
-        wrong = auto_rate * t.auto + self.assumptions.human_error * t.human + t.model
+        wrong = auto_rate * t.auto + human_error_rate(t.checks, self.assumptions) * t.human + t.model
         return 1.0 - wrong / t.items if t.items else 1.0
 
     def budget_spent(self, extra_seen: int = 0) -> bool:
@@ -377,7 +420,7 @@ class ProjectModel:
             self.project.audit_rate,
             self.assumptions.target,
             self.seen,
-            self.assumptions.human_error,
+            human_error_rate(self.human_checks.counts(), self.assumptions),
             self.book.disagreement_rate(),
         )
         plan = self.book.plan(conf[candidates], self.tally(), floor, room)

@@ -88,7 +88,13 @@ async def env(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterator
 
 
 async def _project(
-    clients: Clients, name: str, audit_rate: float, target: float = 0.9, guarantee: str = "dataset"
+    clients: Clients,
+    name: str,
+    audit_rate: float,
+    target: float = 0.9,
+    guarantee: str = "dataset",
+    hide_suggestions: bool = False,
+    human_error: float = 0.0,
 ) -> str:
     project = projects_pb2.Project(
         project_id=name,
@@ -96,6 +102,8 @@ async def _project(
         target_accuracy=target,
         audit_rate=audit_rate,
         guarantee=guarantee,
+        hide_suggestions=hide_suggestions,
+        human_error=human_error,
     )
     await clients.ingest.CreateProject(ingest_pb2.CreateProjectRequest(project=project), timeout=30)
     return name
@@ -344,3 +352,54 @@ async def _second_opinions(clients: Clients, project: str, n: int) -> bool:
 
 async def _relabeled(clients: Clients, project: str, n: int) -> bool:
     return (await clients.stats(project)).scorer.relabeled >= n
+
+
+async def test_blind_labels_that_disagree_with_the_model_go_to_a_second_person(
+    env: tuple[Stack, Clients], database_url: str
+) -> None:
+    """A project that hides suggestions: each person's label is checked against the model's label
+    (stored with it), and every one that disagrees goes to someone else at once, blind."""
+    stack, clients = env
+    world = World(seed=12)
+    project = await _project(
+        clients, "blind", audit_rate=0.0, target=0.999, hide_suggestions=True, human_error=0.02
+    )
+    truth: dict[str, int] = {}
+    items = world.labeled(30, truth, noise=0.1)
+    await _predict(stack, world, project, items)
+    await _eventually(lambda: _in_review(clients, project, 30), "the first tasks")
+
+    # The model's label is right on these well separated items: the wrong labels are the disagreements.
+    wrong = {item_id: (truth[item_id] + 1) % 3 for item_id, _ in items[:4]}
+    await _label_all(stack, project, {**truth, **wrong}, limit=30)
+    await _eventually(lambda: _second_opinions(clients, project, len(wrong)), "second opinions", within=60)
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT item_id::text AS item_id, checked_label, second_opinion_requested FROM scorer.items"
+            " WHERE project_id = $1",
+            project,
+        )
+    finally:
+        await conn.close()
+    assert {r["item_id"]: r["checked_label"] for r in rows} == truth
+    assert {r["item_id"] for r in rows if r["second_opinion_requested"]} == set(wrong)
+
+    rechecked = []
+    async with await _person(stack, "second", project) as second:
+        while True:
+            try:
+                task = await second.review.NextTask(review_pb2.NextTaskRequest(project_id=project), timeout=5)
+            except grpc.aio.AioRpcError:
+                break
+            assert task.round == 1 and task.reason == "second_opinion" and not task.suggested_label
+            rechecked.append(task.item_id)
+            await second.review.SubmitLabel(
+                review_pb2.SubmitLabelRequest(
+                    task_id=task.task_id, lease_id=task.lease_id, label=LABELS[truth[task.item_id]]
+                ),
+                timeout=5,
+            )
+    assert sorted(rechecked) == sorted(wrong)
+    # Two of three (the second person and the model) against each wrong first label.
+    await _eventually(lambda: _relabeled(clients, project, len(wrong)), "the corrections")

@@ -365,3 +365,48 @@ def test_re_ranks_are_bounded_to_the_head_of_the_queue() -> None:
     # The moved rows with the highest new priority and those with the highest old one are kept.
     assert set(rows[np.argsort(-new[rows])[:50]].tolist()) <= set(kept.tolist())
     assert set(rows[np.argsort(-old[rows])[:50]].tolist()) <= set(kept.tolist())
+
+
+def test_a_blind_project_checks_labels_against_the_model_and_a_restart_replays_the_checks() -> None:
+    centers, X, y = _world(noise=0.3)
+    spec = _spec(hide_suggestions=True, human_error=0.02, target_accuracy=0.95)
+    model = ProjectModel(spec, centers, CONFIG)
+    model.seen = 200
+    first_asked = model.add_labels(X[:60], y[:60], _ids(0, 60))  # against the label embeddings
+    model.refit()
+    given = y[60:200].copy()
+    given[:6] = (given[:6] + 1) % 3  # a person's slips
+    before = model.predict_proba(X[60:200]).argmax(axis=1)
+    asked = model.add_labels(X[60:200], given, _ids(60, 200))
+    # Every label that disagrees with the model's (before it learned them) goes to a second person.
+    assert asked == [(f"item-{60 + i}", int(m)) for i, m in enumerate(before.tolist()) if m != given[i]]
+    assert model.human_checks.checked_against(["item-61"]) == [("item-61", int(before[1]))]
+    owed = first_asked + asked
+    settled = dict(owed[:-2])
+    for item_id, m in settled.items():
+        model.record_second_opinion(item_id, m)  # sides with the model
+        model.relabel(item_id, m)
+    counts = model.human_checks.counts()
+    assert (counts.agreed + counts.disagreed, counts.seconded) == (200, len(settled))
+    assert counts.disagreed == len(owed)
+    shown = ProjectModel(_spec(human_error=0.02, target_accuracy=0.95), centers, CONFIG)
+    shown.seen = 200
+    shown.add_labels(X[:200], y[:200], _ids(0, 200))
+    # People's errors count for less than at the assumed 2% on every label.
+    assert model.certificate().human_errors_upper < shown.certificate().human_errors_upper
+
+    # A restart: the labels as they are now, then each check from what was stored.
+    restored = ProjectModel(spec, centers, CONFIG)
+    restored.seen = 200
+    now = model.y.copy()
+    restored.add_labels(model.X, now, list(model.item_ids), check=False)
+    waiting = []
+    for row, item_id in enumerate(model.item_ids):
+        first = int(model.human_checks.first_label.get(item_id, now[row]))
+        against = model.human_checks.model_label.get(item_id)
+        second = against if item_id in settled else None
+        if restored.restore_check(item_id, first, against, True, second, int(now[row])):
+            waiting.append(item_id)
+    assert restored.human_checks.counts() == counts
+    assert waiting == [item_id for item_id, _ in owed[-2:]]  # still owed a second person
+    assert restored.certificate().human_errors_upper == model.certificate().human_errors_upper

@@ -35,7 +35,9 @@ model, so d_i is a model error but for people erring twice, and it is the same q
 draw audited the item or not (the factor's mean stays one). Errors hidden by a first or second
 person who picks the same wrong label (rate 1 - (1 - h/(k-1))^2) are added back as an upper
 binomial bound, and human labels in the dataset count as wrong at rate h (an upper binomial
-bound).
+bound), unless people label blind (the project hides suggestions): then each person's label is
+checked against the model's label fixed before it (HumanChecks), every disagreement goes to a
+second person, and people's errors are bounded from what the checks saw (human_errors_upper).
 h = 0 takes every human label as right; the certificate states the assumption it rests on.
 
 The dataset guarantee (Candès, Ilyas & Zrnic 2025, probably approximately correct labels) is on
@@ -233,6 +235,9 @@ class Assumptions:
     # Assumed rate at which people pick a wrong label (spread over the other classes).
     human_error: float = 0.0
     n_classes: int = 2
+    # People label blind (no suggestion shown), so their errors are independent of the model's
+    # label and a label that agrees with it is wrong only where both are (human_errors_upper).
+    blind: bool = False
 
     def deltas(self) -> tuple[float, float, float]:
         """delta split between the confidence sequence, the errors people's agreement hides and the
@@ -240,6 +245,18 @@ class Assumptions:
         if self.human_error <= 0:
             return self.delta, 0.0, 0.0
         return self.delta * 0.6, self.delta * 0.2, self.delta * 0.2
+
+    def human_deltas(self) -> tuple[float, float, float, float]:
+        """The human labels' share of delta in a blind project: half to counting every label at h,
+        the other half split between the errors hidden by agreeing with the model, those a second
+        person confirms, and the unchecked labels (the smaller of the two bounds stands)."""
+        d = self.deltas()[2]
+        return d / 2.0, d / 6.0, d / 6.0, d / 6.0
+
+    @property
+    def agrees_with_wrong(self) -> float:
+        """Chance that one person picks one given wrong label: h / (k - 1)."""
+        return self.human_error / max(self.n_classes - 1, 1)
 
     @property
     def agree_when_wrong(self) -> float:
@@ -251,13 +268,31 @@ class Assumptions:
 
 
 @dataclass(frozen=True)
+class HumanChecks:
+    """People's labels given so far, by what checking them against the model showed (blind
+    projects; see human_checks.py). A label is checked when it is one person's label, given blind,
+    on an item whose model label was fixed before it; every other label is `plain`."""
+
+    agreed: int = 0  # checked, and the person picked the model's label
+    disagreed: int = 0  # checked, and they did not (each goes to a second person)
+    seconded: int = 0  # of the disagreements, those whose second label is in
+    split: int = 0  # ... of which the second person picked neither label (counted wrong)
+    plain: int = 0  # not checked: wrong at rate h
+
+    @property
+    def given(self) -> int:
+        return self.agreed + self.disagreed + self.plain
+
+
+@dataclass(frozen=True)
 class Tally:
     """Where the project's items stand."""
 
     items: int  # every item of the project the scorer has decided
     auto: int  # accepted automatically (never audited)
-    human: int  # labeled by people (audits included)
+    human: int  # labeled by people (audits included), and items still to be labeled by them
     model: int  # finalized with an unchecked model label (budget spent)
+    checks: HumanChecks = HumanChecks()  # the human labels given so far, by their checks
 
 
 @dataclass(frozen=True)
@@ -283,8 +318,87 @@ class Certificate:
         return self.lower_bound >= self.target
 
 
+def _errors_hiding(shown: float, most: float, rate: float, delta: float) -> float:
+    """Upper bound on E, the errors among `most` items each hidden independently at `rate`, when
+    `shown` of them showed: E - hidden <= shown and hidden <= binomial_upper(E) but with probability
+    delta, so E is at most the largest x with x <= shown + binomial_upper(x) (x minus the right side
+    is convex: the set is an interval from `shown` up)."""
+
+    def fits(x: float) -> bool:
+        return x <= shown + binomial_upper(x, rate, delta)
+
+    if fits(most):
+        return most
+    lo, hi = shown, most
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def human_errors_upper(human: float, checks: HumanChecks, assumptions: Assumptions) -> float:
+    """Upper bound on the wrong labels among `human` (given and still to come), with probability
+    at least 1 - the human share of delta.
+
+    Without blind labeling every human label is wrong at rate h (an upper binomial bound). With it,
+    a person's label is checked against the model's label m fixed before it (people err at h,
+    uniformly over the other k - 1 classes, independently of m: they never see it):
+    - a label that agrees with m is wrong only where m is and the person picked that same wrong
+      label (chance a = h / (k - 1) per model error): the model's errors among checked items are
+      at most the disagreements plus those hidden ones, which bounds the hidden ones;
+    - a disagreement goes to a second person: the final label is the one two of the three (first,
+      second, model) share, wrong only if the second person picked a wrong one of the two (at most
+      a per item, 2a where both may be wrong, k > 2); a second label with neither, or none yet,
+      counts as wrong;
+    - unchecked labels count at h; labels still to come at the rate the given ones showed (a
+      projection: once everything is labeled there are none).
+    The smaller of that and every given label counted at h stands (each at half the delta).
+    """
+    h = assumptions.human_error
+    if h <= 0 or human <= 0:
+        return 0.0
+    given = checks.given
+    future = max(human - given, 0.0)
+    if not assumptions.blind or given == 0:
+        return binomial_upper(round(human), h, assumptions.deltas()[2])
+    d_all, d_agree, d_second, d_plain = assumptions.human_deltas()
+    a = assumptions.agrees_with_wrong
+    model_wrong = _errors_hiding(float(checks.disagreed), float(checks.agreed + checks.disagreed), a, d_agree)
+    hidden = binomial_upper(model_wrong, a, d_agree) if checks.agreed else 0.0
+    both = 2.0 * a if assumptions.n_classes > 2 else a
+    counted = checks.disagreed - checks.seconded + checks.split  # no second label yet, or neither
+    checked = (
+        min(hidden, checks.agreed)
+        + counted
+        + binomial_upper(checks.seconded, both, d_second)
+        + binomial_upper(checks.plain, h, d_plain)
+    )
+    # Where second opinions never come (one annotator), every disagreement counts as wrong: then
+    # counting each label at h is the smaller bound.
+    errors = min(checked, binomial_upper(given, h, d_all))
+    rate = errors / given if given >= 50 else h
+    return errors + future * min(max(rate, 0.0), 1.0)
+
+
+def human_error_rate(checks: HumanChecks, assumptions: Assumptions) -> float:
+    """The rate at which people's labels count as wrong, for planning: the assumed h, or in a blind
+    project with enough labels checked, the bound's rate over the labels given when lower (early on
+    a bound's slack over few labels exceeds h)."""
+    h = assumptions.human_error
+    if not assumptions.blind or checks.given < 50:
+        return h
+    return min(h, human_errors_upper(checks.given, checks, assumptions) / checks.given)
+
+
 def error_bounds(
-    disagreements: float, auto: float, human: float, assumptions: Assumptions
+    disagreements: float,
+    auto: float,
+    human: float,
+    assumptions: Assumptions,
+    checks: HumanChecks = HumanChecks(),
 ) -> tuple[float, float]:
     """(wrong automatic labels, wrong human labels), upper bounds, from an upper bound on the
     adjudicated disagreements among the automatic labels.
@@ -294,31 +408,14 @@ def error_bounds(
     stays hidden when the first person picks the same wrong label, or the second one does
     (Assumptions.agree_when_wrong per error): the bound adds an upper bound on those.
 
-    E errors show at least E - hidden disagreements, and hidden <= binomial_upper(E) but with
-    probability d_hidden, so E is at most the largest x with x <= disagreements + binomial_upper(x)
-    (x minus the right side is convex: the set is an interval from `disagreements` up)."""
-    _, d_hidden, d_human = assumptions.deltas()
+    E errors show at least E - hidden disagreements (_errors_hiding). People's own errors:
+    human_errors_upper."""
+    _, d_hidden, _ = assumptions.deltas()
     disagreements = min(max(disagreements, 0.0), auto)
-    h = assumptions.human_error
-    if h <= 0:
+    if assumptions.human_error <= 0:
         return disagreements, 0.0
-    rate = assumptions.agree_when_wrong
-
-    def fits(x: float) -> bool:
-        return x <= disagreements + binomial_upper(x, rate, d_hidden)
-
-    if fits(float(auto)):
-        errors = float(auto)
-    else:
-        lo, hi = disagreements, float(auto)
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        errors = hi
-    return errors, binomial_upper(round(human), h, d_human)
+    errors = _errors_hiding(disagreements, float(auto), assumptions.agree_when_wrong, d_hidden)
+    return errors, human_errors_upper(human, checks, assumptions)
 
 
 def lower_bound(
@@ -345,7 +442,7 @@ def certify(
     valid since every bound of the sequence holds at once)."""
     if upper is None:
         upper = sequence_upper(ledger, assumptions)
-    auto_errors, human_errors = error_bounds(upper, tally.auto, tally.human, assumptions)
+    auto_errors, human_errors = error_bounds(upper, tally.auto, tally.human, assumptions, tally.checks)
     return Certificate(
         guarantee=assumptions.guarantee,
         target=assumptions.target,

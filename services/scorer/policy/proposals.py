@@ -12,7 +12,7 @@ refute is handed back to people, whose labels then reveal its disagreements exac
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from services.scorer.policy.certification import (
     Tally,
     certify,
     error_bounds,
+    human_error_rate,
     lower_bound,
     planned_upper,
     sequence_upper,
@@ -301,7 +302,7 @@ class ProposalBook:
         for m in sizes[::-1].tolist():
             head, tail = ranked[:m], ranked[m:]
             unaudited = sum(1 for e in head if not e.audited)
-            trial = Tally(tally.items, auto + unaudited, max(tally.human - unaudited, 0), tally.model)
+            trial = replace(tally, auto=auto + unaudited, human=max(tally.human - unaudited, 0))
             for e in tail:
                 e.batch = spare
             self.batch_state[batch] = ACCEPTED
@@ -429,7 +430,8 @@ class ProposalBook:
         The certificate alone decides what is accepted; this decides only what is worth auditing.
         """
         a = self.assumptions
-        per_item = 1.0 - a.target + a.human_error
+        human_error = human_error_rate(tally.checks, a)
+        per_item = 1.0 - a.target + human_error
         if q_sorted.size == 0:
             return per_item
         decided = tally.auto + self.pending_items()
@@ -440,9 +442,7 @@ class ProposalBook:
         errors = spent + np.cumsum(q_sorted)
         if a.guarantee == Guarantee.DATASET:
             undecided = max(tally.items - decided, 0)
-            fits = (
-                errors + a.human_error * np.maximum(undecided - taken, 0.0) <= (1.0 - a.target) * tally.items
-            )
+            fits = errors + human_error * np.maximum(undecided - taken, 0.0) <= (1.0 - a.target) * tally.items
         else:
             fits = errors <= (1.0 - a.target) * (decided + taken)
         m = int(np.flatnonzero(fits)[-1]) + 1 if fits.any() else 0
@@ -453,5 +453,5 @@ class ProposalBook:
     ) -> float:
         a = self.assumptions
         upper = planned_upper(ledger, pi, q, a.deltas()[0])
-        errors, human_errors = error_bounds(upper, auto, human, a)
+        errors, human_errors = error_bounds(upper, auto, human, a, tally.checks)
         return lower_bound(a.guarantee, errors, human_errors, tally.items, auto, tally.model)
