@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     bl.add_argument("--no-baseline", action="store_true", help="skip the random-review baseline runs")
     bl.add_argument(
+        "--blind",
+        action="store_true",
+        help="people label blind (hide_suggestions): labels that disagree with the model go to a second "
+        "person and the certificate bounds people's errors from those checks",
+    )
+    bl.add_argument(
         "--encoder",
         choices=list(ENCODERS),
         default=MINILM.name,
@@ -542,6 +548,7 @@ def main(argv: list[str] | None = None) -> None:
                 guarantee=args.guarantee,
                 human_error=args.error_rate if args.human_error is None else args.human_error,
                 baseline=not args.no_baseline,
+                blind=args.blind,
                 encoder=args.encoder,
                 state_dir=args.state_dir / "bench",
                 out=args.out,

@@ -48,6 +48,9 @@ class BenchOptions:
     guarantee: str = "dataset"
     human_error: float = 0.02
     baseline: bool = True
+    # People label blind (the project hides suggestions): every label that disagrees with the
+    # model goes to a second person, and the certificate bounds people's errors from those checks.
+    blind: bool = False
     # The CPU labeler's sentence model (services/inference/encoders.py), for the stack and the
     # labeler-only baseline alike.
     encoder: str = "minilm"
@@ -74,6 +77,9 @@ class RunResult:
     # The scorer's certificate at the end (0 for the baselines): accuracy guaranteed with
     # probability 1 - delta for the dataset (or the automatic labels alone).
     certified_accuracy: float = 0.0
+    # Labels beyond one per item: second opinions (disagreeing audits, checks of blind labels and
+    # confident learning's doubts), not in human_share.
+    second_opinions: int = 0
 
 
 def dataset_name(path: Path) -> str:
@@ -145,6 +151,7 @@ async def run_arm(
         control_rate=1.0 if arm == "random" else 0.0,
         guarantee=options.guarantee,
         human_error=options.human_error,
+        hide_suggestions=options.blind,
     )
     await clients.ingest.CreateProject(ingest_pb2.CreateProjectRequest(project=project), timeout=30)
     started = time.monotonic()
@@ -172,7 +179,8 @@ async def run_arm(
     )
     await workforce.run(complete)
     seconds = time.monotonic() - started
-    certified = (await clients.stats(project_id)).scorer.certified_accuracy if arm == "active" else 0.0
+    scorer = (await clients.stats(project_id)).scorer
+    certified = scorer.certified_accuracy if arm == "active" else 0.0
     _, path = await export(clients, project_id, options.state_dir / "exports" / f"{project_id}.jsonl")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     correct = [r["label"] == gold[r["id"]] for r in rows]
@@ -191,6 +199,7 @@ async def run_arm(
         below_target_share=sum(r["below_target"] for r in rows) / len(rows),
         seconds=seconds,
         certified_accuracy=certified,
+        second_opinions=scorer.second_opinions,
     )
 
 
@@ -233,6 +242,7 @@ def results_table(results: list[RunResult]) -> Table:
         "auto acc",
         "below target",
         "certified",
+        "2nd opinions",
         "seconds",
     ):
         table.add_column(col, justify="right" if col not in ("dataset", "arm") else "left")
@@ -250,6 +260,7 @@ def results_table(results: list[RunResult]) -> Table:
             f"{r.auto_accuracy:.4f}" if r.auto_share else "-",
             f"{r.below_target_share:.1%}",
             f"{r.certified_accuracy:.4f}" if r.arm == "active" else "-",
+            f"{r.second_opinions:,}" if r.arm != "labeler" else "-",
             f"{r.seconds:.0f}",
         )
     return table

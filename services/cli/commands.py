@@ -406,6 +406,8 @@ async def write_certificate(clients: Clients, project_id: str, path: Path) -> di
         "audit_disagreements": sc.audit_disagreements,
         "human_share": sc.human_share,
         "human_error_assumed": sc.human_error_assumed,
+        "human_labels_checked": sc.human_labels_checked,
+        "human_errors_upper": sc.human_errors_upper,
         "automatic_labels": sc.auto_accepted,
         "model_labels_below_target": sc.below_target,
     }

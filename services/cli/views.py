@@ -27,6 +27,11 @@ def certificate_line(sc: stats_pb2.ScorerStats) -> str:
         if sc.human_error_assumed > 0
         else "human labels taken as right"
     )
+    if sc.human_error_assumed > 0 and sc.human_labels_checked:
+        people += (
+            f", their labels checked against the model's ({sc.second_opinions:,} second opinions):"
+            f" at most {sc.human_errors_upper:.0f} wrong"
+        )
     return (
         f"{scope} accuracy ≥ {sc.certified_accuracy:.4f} with probability {1 - sc.certificate_delta:.0%} "
         f"(target {sc.target_accuracy:.2f}: {verdict}); estimated {sc.estimated_accuracy:.4f}; "

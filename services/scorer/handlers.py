@@ -938,6 +938,8 @@ class Scorer:
             ESTIMATED.labels(project_id).set(out.estimated_accuracy)
             TARGET.labels(project_id).set(out.target_accuracy)
             out.human_error_assumed = cert.human_error
+            out.human_labels_checked = model.assumptions.blind
+            out.human_errors_upper = cert.human_errors_upper
             decided = c.auto + c.human + c.below_target
             out.human_share = c.human / decided if decided else 0.0
             out.proposed_pending = c.pending

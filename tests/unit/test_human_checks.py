@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from services.cli.views import certificate_line
+from services.gen.tandem.stats.v1 import stats_pb2
 from services.scorer.policy.certification import (
     Assumptions,
     Guarantee,
@@ -130,3 +132,17 @@ def test_labels_still_to_come_are_projected_at_the_rate_the_given_ones_showed() 
     # Too few labels given to say: the assumed rate.
     few = HumanChecks(agreed=10)
     assert human_errors_upper(1000, few, a) == pytest.approx(human_errors_upper(10, few, a) + 990 * 0.02)
+
+
+def test_status_says_how_people_errors_enter_the_certificate() -> None:
+    sc = stats_pb2.ScorerStats(
+        guarantee="dataset", certified_accuracy=0.981, certificate_delta=0.05, target_accuracy=0.98
+    )
+    assert "human labels taken as right" in certificate_line(sc)
+    sc.human_error_assumed = 0.02
+    assert certificate_line(sc).endswith("people assumed to err at 2.0%")
+    sc.human_labels_checked, sc.second_opinions, sc.human_errors_upper = True, 412, 17.4
+    assert certificate_line(sc).endswith(
+        "people assumed to err at 2.0%, their labels checked against the model's (412 second opinions):"
+        " at most 17 wrong"
+    )
