@@ -19,7 +19,8 @@ from services.scorer.policy.certification import (
     Certificate,
     Guarantee,
     Tally,
-    human_error_rate,
+    human_error_estimate,
+    human_errors_upper,
 )
 from services.scorer.policy.human_checks import HumanCheckBook
 from services.scorer.policy.labels_audit import label_issues
@@ -310,7 +311,7 @@ class ProjectModel:
         auto_rate = min(weighted / max(len(ledger.audit_prob) - int(ledger.audited.sum()), 1), 1.0)
         if self.assumptions.guarantee is Guarantee.AUTOMATIC:
             return 1.0 - auto_rate
-        wrong = auto_rate * t.auto + human_error_rate(t.checks, self.assumptions) * t.human + t.model
+        wrong = auto_rate * t.auto + human_error_estimate(t.checks, self.assumptions) * t.human + t.model
         return 1.0 - wrong / t.items if t.items else 1.0
 
     def budget_spent(self, extra_seen: int = 0) -> bool:
@@ -420,7 +421,7 @@ class ProjectModel:
             self.project.audit_rate,
             self.assumptions.target,
             self.seen,
-            human_error_rate(self.human_checks.counts(), self.assumptions),
+            self._people_error_share(),
             self.book.disagreement_rate(),
         )
         plan = self.book.plan(conf[candidates], self.tally(), floor, room)
@@ -445,6 +446,16 @@ class ProjectModel:
             )
             self.book.add(entry)
             out.proposed.append(entry)
+
+    def _people_error_share(self) -> float:
+        """People's wrong labels as a share of the pool, for sizing the audits: all of it at the
+        assumed rate h; in a blind project, the bound on the labels given so far (their checks
+        show how few are wrong; a proposal accepted leaves few more to come)."""
+        if not self.assumptions.blind:
+            return self.assumptions.human_error
+        checks = self.human_checks.counts()
+        wrong = human_errors_upper(checks.given, checks, self.assumptions)
+        return min(self.assumptions.human_error, wrong / max(self.seen, 1))
 
     def _settle(self, out: Rescored, tally: Tally | None = None) -> None:
         accepted, rejected = self.book.settle(tally or self.tally(), self.n_labels)

@@ -353,8 +353,8 @@ def human_errors_upper(human: float, checks: HumanChecks, assumptions: Assumptio
       second, model) share, wrong only if the second person picked a wrong one of the two (at most
       a per item, 2a where both may be wrong, k > 2); a second label with neither, or none yet,
       counts as wrong;
-    - unchecked labels count at h; labels still to come at the rate the given ones showed (a
-      projection: once everything is labeled there are none).
+    - unchecked labels count at h; labels still to come at the rate the given ones' checks
+      suggest (human_error_estimate: a projection, and once everything is labeled there are none).
     The smaller of that and every given label counted at h stands (each at half the delta).
     """
     h = assumptions.human_error
@@ -379,18 +379,21 @@ def human_errors_upper(human: float, checks: HumanChecks, assumptions: Assumptio
     # Where second opinions never come (one annotator), every disagreement counts as wrong: then
     # counting each label at h is the smaller bound.
     errors = min(checked, binomial_upper(given, h, d_all))
-    rate = errors / given if given >= 50 else h
-    return errors + future * min(max(rate, 0.0), 1.0)
+    return errors + future * human_error_estimate(checks, assumptions)
 
 
-def human_error_rate(checks: HumanChecks, assumptions: Assumptions) -> float:
-    """The rate at which people's labels count as wrong, for planning: the assumed h, or in a blind
-    project with enough labels checked, the bound's rate over the labels given when lower (early on
-    a bound's slack over few labels exceeds h)."""
+def human_error_estimate(checks: HumanChecks, assumptions: Assumptions) -> float:
+    """The rate at which people's labels are expected to be wrong, for projecting the labels still
+    to come and planning: the assumed h, or in a blind project with enough labels checked, what the
+    checks suggest (about a per disagreement hidden behind an agreement, up to 2a per second
+    opinion, the split ones, h per unchecked label) when lower. A point estimate, not a bound."""
     h = assumptions.human_error
     if not assumptions.blind or checks.given < 50:
         return h
-    return min(h, human_errors_upper(checks.given, checks, assumptions) / checks.given)
+    a = assumptions.agrees_with_wrong
+    both = 2.0 * a if assumptions.n_classes > 2 else a
+    expected = (a + both) * checks.disagreed + checks.split + h * checks.plain
+    return min(h, expected / checks.given)
 
 
 def error_bounds(

@@ -27,7 +27,7 @@ from services.scorer.policy.certification import (
     Tally,
     certify,
     error_bounds,
-    human_error_rate,
+    human_error_estimate,
     lower_bound,
     planned_upper,
     sequence_upper,
@@ -430,7 +430,7 @@ class ProposalBook:
         The certificate alone decides what is accepted; this decides only what is worth auditing.
         """
         a = self.assumptions
-        human_error = human_error_rate(tally.checks, a)
+        human_error = human_error_estimate(tally.checks, a)
         per_item = 1.0 - a.target + human_error
         if q_sorted.size == 0:
             return per_item
