@@ -35,7 +35,9 @@ Usage:
     python -m loadtests.al_offline --validity --seeds 200 --workers 2 --max-minutes 60
 
 ``--validity`` checks the dataset guarantee over many seeds: the four datasets, targets 0.95 and
-0.98, and four conditions (normal; an overconfident labeler; weak features; streaming arrivals),
+0.98, and five conditions (normal; an overconfident labeler; weak features; streaming arrivals;
+people whose errors follow the model's wrong labels, against the independence a blind project's
+checks assume, ``--blind``),
 each seed a random subsample of the dataset (``--pool-size``, 1,500 items) with its own condition
 draws, annotator noise and audit draws (item ids carry the seed). Defaults: refit growth 0.2, stream
 arrival ratio 3 items per human label, no confident-learning second opinions, one BLAS thread per
@@ -226,6 +228,9 @@ class SimParams:
     arrival_start: int = 50
     # Confident-learning second opinions per refit (ProjectModel.label_issues; the scorer asks 5).
     second_opinions: int = 0
+    # People who err pick the model's label where it is wrong (at the same rate e): their errors
+    # depend on the model, against what a blind project's checks assume (the "follow-model" stress).
+    follow_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -313,8 +318,10 @@ def simulate(
     arrived = 0
     counts = {"adjudicated": 0, "second": 0, "relabeled": 0, "rejected": 0}
 
-    def annotate(i: int) -> int:
+    def annotate(i: int, model_label: int | None = None) -> int:
         if k > 1 and rng.random() < params.annotator_error:
+            if params.follow_model and model_label is not None and model_label != gold[i]:
+                return model_label
             return int((gold[i] + rng.integers(1, k)) % k)
         return int(gold[i])
 
@@ -368,13 +375,17 @@ def simulate(
         if queue.size and size > 0:
             # Audits first (AUDIT_PRIORITY in the scorer), then the priority the model gave each item.
             pick = queue[np.lexsort((tie[queue], -prio[queue], -audit[queue].astype(np.int8)))[:size]]
-            labels = np.array([annotate(i) for i in pick.tolist()], dtype=np.int64)
+            follow = model.predict_proba(X[pick]).argmax(axis=1).tolist() if params.follow_model else None
+            labels = np.array(
+                [annotate(i, None if follow is None else follow[j]) for j, i in enumerate(pick.tolist())],
+                dtype=np.int64,
+            )
             state[pick] = HUMAN
             final[pick] = labels
             adjudicate = model.add_labels(X[pick], labels, [ids[i] for i in pick.tolist()])
             for item_id, model_label in adjudicate:
                 i = row_of[item_id]
-                second = annotate(i)
+                second = annotate(i, model_label)
                 counts["adjudicated"] += 1
                 model.record_second_opinion(item_id, second)
                 if second == model_label:
@@ -443,9 +454,9 @@ def simulate(
     )
 
 
-# -- validity: many seeds, four conditions -----------------------------------------------------
+# -- validity: many seeds, five conditions -----------------------------------------------------
 
-CONDITIONS = ("normal", "overconfident", "weak-features", "stream")
+CONDITIONS = ("normal", "overconfident", "weak-features", "stream", "follow-model")
 VALIDITY_TARGETS = (0.95, 0.98)
 
 
@@ -562,6 +573,7 @@ def run_validity_task(task: ValidityTask, settings: ValiditySettings) -> tuple[V
         refit_growth=settings.refit_growth,
         arrival_ratio=settings.arrival_ratio if task.condition == "stream" else 0.0,
         second_opinions=settings.second_opinions,
+        follow_model=task.condition == "follow-model",
     )
     X = features(inputs.emb, inputs.zero_shot)
     return task, simulate(X, inputs.label_emb, gold, spec, LRPolicyConfig(), params)
@@ -766,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--encoder", choices=list(ENCODERS), default=MINILM.name, help="the CPU labeler's sentence model"
     )
-    ap.add_argument("--validity", action="store_true", help="many seeds, four conditions (see above)")
+    ap.add_argument("--validity", action="store_true", help="many seeds, five conditions (see above)")
     ap.add_argument("--seeds", type=int, default=20, help="validity: seeds per configuration")
     ap.add_argument("--conditions", nargs="+", choices=CONDITIONS, help="validity: a subset of conditions")
     ap.add_argument("--workers", type=int, default=1, help="validity: processes")
