@@ -272,6 +272,7 @@ class ReviewDesk:
             pool_id = await _pool_of(conn, annotator_id)
             labeled_at = await repo.complete(conn, task.task_id, annotator_id, label, seconds, pool_id)
             raw = _human_label(task, annotator_id, label, seconds, labeled_at, pool_id)
+            raw.blind = not service.shows_suggestion(task, project.hide_suggestions)
             outgoing = await self._after_label(conn, project, task, raw)
             await repo.publish(conn, outgoing)
         self._relay.notify()

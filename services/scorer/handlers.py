@@ -386,11 +386,13 @@ class Scorer:
                 # Labels of tasks people held when the budget ran out keep arriving: their tasks
                 # were withdrawn already.
                 was_spent = model.budget_spent()
+                blind = {lb.item_id for lb in firsts if lb.blind}
                 adjudicate = model.add_labels(
                     features(np.vstack([n.embedding for n in new]), np.vstack([n.zero_shot for n in new])),
                     np.array([n.label for n in new]),
                     [n.item_id for n in new],
                     np.array([n.weight for n in new]),
+                    blind=[n.item_id in blind for n in new],
                 )
                 checked = model.human_checks.checked_against([n.item_id for n in new])
                 if checked:

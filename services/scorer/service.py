@@ -164,12 +164,14 @@ class ProjectModel:
         weights: np.ndarray | None = None,
         *,
         check: bool = True,
+        blind: list[bool] | None = None,
     ) -> list[tuple[str, int]]:
         """Append human labels in arrival order. A label on a proposed item is also its audit
         outcome (or, for an item handed back to people, its disagreement become known). In a
         project whose people label blind, every one person's label is checked against the model's
-        label (the proposed one, else the model's own before it learns this label: the person
-        never saw it). `check=False` only trains (a restart replays the checks: restore_check).
+        label (the proposed one, else the model's own before it learns this label) where the
+        person saw no suggestion (`blind` per label, as the review service served it; all of them
+        when not given). `check=False` only trains (a restart replays the checks: restore_check).
 
         Returns the items whose label disagrees with the model where that calls for a second person
         (a proposed item, or any checked label): (item id, the model's label); see
@@ -191,9 +193,12 @@ class ProjectModel:
         self._w[self._n : end] = 1.0 if weights is None else np.asarray(weights, dtype=np.float64)
         self._n = end
         adjudicate = []
-        single = (self._w[end - len(y) : end] == 1.0).tolist()
+        # One person's label, given blind: anything else counts at the assumed rate.
+        checkable = (self._w[end - len(y) : end] == 1.0) & (
+            True if blind is None else np.asarray(blind, bool)
+        )
         for item_id, label, model_label, one in zip(
-            item_ids, np.asarray(y).tolist(), before, single, strict=True
+            item_ids, np.asarray(y).tolist(), before, checkable.tolist(), strict=True
         ):
             self._rows[item_id] = len(self.item_ids)
             self.item_ids.append(item_id)
@@ -209,11 +214,17 @@ class ProjectModel:
         return adjudicate
 
     def restore_check(
-        self, item_id: str, first: int, model_label: int | None, single: bool, second: int | None, final: int
+        self,
+        item_id: str,
+        first: int,
+        model_label: int | None,
+        checkable: bool,
+        second: int | None,
+        final: int,
     ) -> bool:
         """Replay a stored label's check after a restart (the labels went in with check=False).
         Returns True when it waits for a second person nobody was asked for yet."""
-        asks = self.human_checks.record(item_id, first, model_label, single)
+        asks = self.human_checks.record(item_id, first, model_label, checkable)
         if second is not None:
             self.human_checks.record_second(item_id, second)
             if final != first:

@@ -26,13 +26,13 @@ def test_a_label_is_checked_only_when_blind_single_and_against_a_model_label() -
     assert not book.record("agree", 2, 2)
     assert book.record("disagree", 1, 2)  # ask a second person
     assert not book.record("no-model", 1, None)
-    assert not book.record("aggregate", 1, 2, single=False)
+    assert not book.record("shown or aggregate", 1, 2, checkable=False)
     assert not book.record("agree", 0, 2)  # a redelivery changes nothing
     assert book.checks == {
         "agree": Check.AGREED,
         "disagree": Check.ASKED,
         "no-model": Check.PLAIN,
-        "aggregate": Check.PLAIN,
+        "shown or aggregate": Check.PLAIN,
     }
     assert book.counts() == HumanChecks(agreed=1, disagreed=1, seconded=0, split=0, plain=2)
     shown = HumanCheckBook(blind=False)

@@ -410,3 +410,14 @@ def test_a_blind_project_checks_labels_against_the_model_and_a_restart_replays_t
     assert restored.human_checks.counts() == counts
     assert waiting == [item_id for item_id, _ in owed[-2:]]  # still owed a second person
     assert restored.certificate().human_errors_upper == model.certificate().human_errors_upper
+
+
+def test_a_label_given_with_a_suggestion_shown_is_never_checked() -> None:
+    """A project that hid suggestions and shows them now (or a task served before the change):
+    the review service says per label whether the person saw one."""
+    centers, X, y = _world(noise=0.3)
+    model = ProjectModel(_spec(hide_suggestions=True, human_error=0.02), centers, CONFIG)
+    wrong = (y[:20] + 1) % 3
+    assert model.add_labels(X[:20], wrong, _ids(0, 20), blind=[False] * 20) == []
+    assert model.human_checks.counts().plain == 20
+    assert model.add_labels(X[20:40], (y[20:40] + 1) % 3, _ids(20, 40), blind=[True] * 20)

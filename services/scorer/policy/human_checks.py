@@ -8,7 +8,8 @@ of the three share. certification.human_errors_upper turns the counts into a bou
 agrees with the model is wrong only where the model is wrong the same way, which is rare, so most
 human labels no longer count as wrong at the assumed rate h.
 
-Labels that cannot be checked count at h, as in a project that shows suggestions: an aggregate of
+Labels that cannot be checked count at h, as in a project that shows suggestions: a label given
+with a suggestion shown (the project showed them when the task was served), an aggregate of
 several people's labels, a label on an item the model had no label for, and an agreeing label a
 later second look replaced (the final label then rests on the second person alone).
 """
@@ -47,13 +48,14 @@ class HumanCheckBook:
         self.checks[item_id] = check
         self.tally[check] += 1
 
-    def record(self, item_id: str, label: int, model_label: int | None, single: bool = True) -> bool:
-        """A person's label on an item the model labeled `model_label` before they answered.
-        Returns True when it disagrees: the caller asks a second person (record_second settles it).
-        A label recorded before (a redelivery) changes nothing."""
+    def record(self, item_id: str, label: int, model_label: int | None, checkable: bool = True) -> bool:
+        """A person's label on an item the model labeled `model_label` before learning it;
+        `checkable`: one person's label, given blind. Returns True when it disagrees: the caller
+        asks a second person (record_second settles it). A label recorded before (a redelivery)
+        changes nothing."""
         if item_id in self.checks:
             return False
-        if not self.blind or model_label is None or not single:
+        if not self.blind or model_label is None or not checkable:
             self._set(item_id, Check.PLAIN)
             return False
         self.model_label[item_id] = model_label
