@@ -145,6 +145,15 @@ def test_invalid_projects_are_refused(kw: dict[str, object], message: str) -> No
         validate_project(spec(**kw))
 
 
+def test_a_dataset_target_above_what_people_reach_needs_blind_labeling() -> None:
+    """People at 2% cannot make a 0.99 dataset alone; blind, each disagreement with the model gets
+    a second person, and the certificate may reach it."""
+    with pytest.raises(InvalidProject, match="unless they label blind"):
+        validate_project(spec(target_accuracy=0.99, human_error=0.02))
+    blind = validate_project(spec(target_accuracy=0.99, human_error=0.02, hide_suggestions=True))
+    assert blind.target_accuracy == 0.99 and blind.hide_suggestions
+
+
 def _spec(**kw: object) -> ProjectSpec:
     base = ProjectSpec(
         "p", "P", (LabelSpec("a", "first"), LabelSpec("b", "second")), "old", 0.95, 0.0, created_by="mgr"
