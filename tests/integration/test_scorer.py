@@ -324,7 +324,16 @@ async def test_contradicted_human_labels_get_a_second_opinion_from_someone_else(
             # (what she got instead, should it ever happen)
             pytest.fail(f"ann was served {task.item_id} again: round {task.round}, reason {task.reason!r}")
     assert same.value.code() == grpc.StatusCode.NOT_FOUND
-    # …but to someone else, without a suggestion to lean on.
+    # …but to someone else, without a suggestion to lean on. Confident learning doubted these
+    # labels: the label-error review (the report lists them).
+    rechecked = await _recheck(stack, project, truth, "label_error")
+    assert set(wrong) <= set(rechecked)
+    await _eventually(lambda: _relabeled(clients, project, len(wrong)), "the corrections")
+
+
+async def _recheck(stack: Stack, project: str, truth: dict[str, int], reason: str) -> list[str]:
+    """A second person answers every task served to them truthfully; each must be a blind second
+    look (round 1, no suggestion) for `reason`. Returns the item ids."""
     rechecked = []
     async with await _person(stack, "second", project) as second:
         while True:
@@ -332,8 +341,7 @@ async def test_contradicted_human_labels_get_a_second_opinion_from_someone_else(
                 task = await second.review.NextTask(review_pb2.NextTaskRequest(project_id=project), timeout=5)
             except grpc.aio.AioRpcError:
                 break
-            # Confident learning doubted these labels: the label-error review (the report lists them).
-            assert task.round == 1 and task.reason == "label_error" and not task.suggested_label
+            assert task.round == 1 and task.reason == reason and not task.suggested_label
             rechecked.append(task.item_id)
             await second.review.SubmitLabel(
                 review_pb2.SubmitLabelRequest(
@@ -341,8 +349,7 @@ async def test_contradicted_human_labels_get_a_second_opinion_from_someone_else(
                 ),
                 timeout=5,
             )
-    assert set(wrong) <= set(rechecked)
-    await _eventually(lambda: _relabeled(clients, project, len(wrong)), "the corrections")
+    return rechecked
 
 
 async def _second_opinions(clients: Clients, project: str, n: int) -> bool:
@@ -400,21 +407,7 @@ async def test_blind_labels_that_disagree_with_the_model_go_to_a_second_person(
     assert len(disagreeing & set(wrong)) >= len(wrong) - 2
     await _eventually(lambda: _second_opinions(clients, project, len(disagreeing)), "second opinions")
 
-    rechecked = []
-    async with await _person(stack, "second", project) as second:
-        while True:
-            try:
-                task = await second.review.NextTask(review_pb2.NextTaskRequest(project_id=project), timeout=5)
-            except grpc.aio.AioRpcError:
-                break
-            assert task.round == 1 and task.reason == "second_opinion" and not task.suggested_label
-            rechecked.append(task.item_id)
-            await second.review.SubmitLabel(
-                review_pb2.SubmitLabelRequest(
-                    task_id=task.task_id, lease_id=task.lease_id, label=LABELS[truth[task.item_id]]
-                ),
-                timeout=5,
-            )
+    rechecked = await _recheck(stack, project, truth, "second_opinion")
     assert sorted(rechecked) == sorted(disagreeing)
     # Two of three (the second person and the model) against each wrong first label the model got right.
     corrected = sum(1 for i in disagreeing if checked[i] == truth[i])
