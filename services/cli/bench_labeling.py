@@ -160,10 +160,16 @@ async def run_arm(
     await _until_prelabeled(clients, project_id, total)
 
     async def complete() -> bool:
-        # Every item final in the export, and the scorer caught up with every human label (the
-        # next run must not compete with this one's backlog).
+        # Every item final in the export, the scorer caught up with every human label (the next
+        # run must not compete with this one's backlog), and no task left open: a second opinion
+        # still out is a disagreement the certificate counts as wrong until it is answered.
         s = await clients.stats(project_id)
-        return s.export.finalized >= total and s.scorer.in_review == 0
+        return (
+            s.export.finalized >= total
+            and s.scorer.in_review == 0
+            and s.review.open == 0
+            and s.review.leased == 0
+        )
 
     gold = {r.external_id: r.label for r in records}
     workforce = Workforce(
