@@ -209,7 +209,8 @@ class ProjectModel:
             if check and self.human_checks.record(item_id, int(label), model_label, one):
                 asks = True
             if asks:
-                adjudicate.append((item_id, int(model_label if entry is None else entry.label)))
+                assert model_label is not None  # asked by the book (proposed) or by a check
+                adjudicate.append((item_id, int(model_label)))
         self.pending_labels += len(y)
         return adjudicate
 
