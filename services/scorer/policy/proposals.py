@@ -453,5 +453,5 @@ class ProposalBook:
     ) -> float:
         a = self.assumptions
         upper = planned_upper(ledger, pi, q, a.deltas()[0])
-        errors, human_errors = error_bounds(upper, auto, human, a, tally.checks)
+        errors, human_errors = error_bounds(upper, auto, human, a, tally.checks, slack_ahead=False)
         return lower_bound(a.guarantee, errors, human_errors, tally.items, auto, tally.model)
