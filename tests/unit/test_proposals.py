@@ -13,6 +13,7 @@ from services.scorer.policy.proposals import (
     AUDIT_BASE_RATE,
     AUDITS_PER_ROOM,
     MAX_AUDIT_SCALE,
+    MIN_AUDIT_SCALE,
     PENDING,
     REJECTED,
     Entry,
@@ -50,13 +51,14 @@ def test_audit_floor_is_the_projects_rate_or_sized_to_the_pool() -> None:
     assert audit_floor(0.0, 0.95, 0) == 0.3
 
 
-def test_audit_floor_grows_with_the_audits_disagreement_rate() -> None:
+def test_audit_floor_follows_the_audits_disagreement_rate() -> None:
     base = AUDITS_PER_ROOM / 480  # 0.95 target, people at 2%, 16,000 items
 
     def floor(rate: float, items: int = 16_000, configured: float = 0.0) -> float:
         return audit_floor(configured, 0.95, items, 0.02, disagreement_rate=rate)
 
-    assert floor(0.002) == pytest.approx(base)
+    assert floor(0.0) == pytest.approx(MIN_AUDIT_SCALE * base)  # audits that never disagree
+    assert floor(0.8 * AUDIT_BASE_RATE) == pytest.approx(0.8 * base)
     assert floor(AUDIT_BASE_RATE) == pytest.approx(base)
     assert floor(2 * AUDIT_BASE_RATE) == pytest.approx(2 * base)
     assert floor(0.5) == pytest.approx(MAX_AUDIT_SCALE * base)
