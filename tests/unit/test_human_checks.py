@@ -4,6 +4,7 @@ people's errors it gives, checked for coverage on simulated labels where the tru
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -53,6 +54,23 @@ def test_second_labels_settle_disagreements_and_a_replaced_agreement_rests_on_on
     book.replaced("d")  # ...but when it replaced the label, one person's label stands
     book.replaced("a")  # a settled disagreement stays settled
     assert book.counts() == HumanChecks(agreed=0, disagreed=3, seconded=3, split=1, plain=1)
+
+
+@pytest.mark.parametrize("harder_later", [True, False])
+def test_labels_to_come_are_projected_like_the_latest_where_those_disagree_more(harder_later: bool) -> None:
+    book = HumanCheckBook(blind=True)
+    for i in range(400):
+        early = i < 300
+        disagrees = (i % 4 == 0) if early != harder_later else (i % 10 == 0)  # 25% or 10%
+        book.record(f"i{i}", 1 if disagrees else 0, 0)
+    checks = book.counts()
+    assert checks.given == 400 and checks.recent is not None and checks.recent.given == 100
+    assert checks.recent.disagreed == (25 if harder_later else 10)
+    assert checks.like_ahead() == (checks.recent if harder_later else checks)
+    a = Assumptions(Guarantee.DATASET, 0.95, delta=0.05, human_error=0.02, n_classes=4, blind=True)
+    like_all = replace(checks, recent=None)
+    ahead = human_errors_upper(4000, checks, a)
+    assert (ahead > human_errors_upper(4000, like_all, a)) == harder_later
 
 
 def _simulate_checked_labels(
@@ -146,6 +164,19 @@ def test_labels_still_to_come_are_projected_with_the_slack_the_final_bound_will_
     # Too few labels given to say: every label counts at the assumed rate.
     few = HumanChecks(agreed=10)
     assert human_errors_upper(1000, few, a) == binomial_upper(1000, 0.02, a.deltas()[2])
+
+
+def test_second_labels_still_out_count_as_wrong_only_when_nothing_is_left_to_come() -> None:
+    """Through the services people work through second opinions while the scorer decides: counted
+    as wrong in every projection they blocked acceptances; in the final bound they still count."""
+    a = Assumptions(Guarantee.DATASET, 0.95, delta=0.05, human_error=0.02, n_classes=4, blind=True)
+    checks, _ = _simulate_checked_labels(np.random.default_rng(6), 1000, 4, 0.02, 0.1, second=True)
+    waiting = replace(checks, seconded=checks.seconded - 40, split=0)
+    answered = replace(checks, split=0)
+    assert human_errors_upper(1000, waiting, a) > human_errors_upper(1000, answered, a) + 10
+    for slack_ahead in (True, False):
+        ahead = human_errors_upper(3000, waiting, a, slack_ahead)
+        assert ahead == pytest.approx(human_errors_upper(3000, answered, a, slack_ahead))
 
 
 def test_status_says_how_people_errors_enter_the_certificate() -> None:

@@ -278,10 +278,24 @@ class HumanChecks:
     seconded: int = 0  # of the disagreements, those whose second label is in
     split: int = 0  # ... of which the second person picked neither label (counted wrong)
     plain: int = 0  # not checked: wrong at rate h
+    # The latest labels' checks (RECENT_SHARE of them), for projecting the labels still to come.
+    recent: HumanChecks | None = None
 
     @property
     def given(self) -> int:
         return self.agreed + self.disagreed + self.plain
+
+    def like_ahead(self) -> HumanChecks:
+        """The labels whose checks the ones still to come are projected like: all so far, or the
+        latest where they disagree with the model more often. Whether later labels disagree more or
+        less depends on the pool: where the model starts weak (SMS Spam) its early labels disagree
+        most; where it certifies the easy items first, people are left the hard ones (AG News,
+        CLINC150: a certificate projected from all labels fell from 0.9804 to 0.9791 under a 0.98
+        target as the last 500 came in)."""
+        r = self.recent
+        if r is None or not r.given or r.disagreed * self.given <= self.disagreed * r.given:
+            return self
+        return r
 
 
 @dataclass(frozen=True)
@@ -339,8 +353,10 @@ def _errors_hiding(shown: float, most: float, rate: float, delta: float) -> floa
     return hi
 
 
-# Checked labels needed before the labels still to come are projected from them.
+# Checked labels needed before the labels still to come are projected from them...
 MIN_CHECKED = 50
+# ...and the latest labels, this share of them (at least MIN_CHECKED), are HumanChecks.recent.
+RECENT_SHARE = 0.25
 
 
 def human_errors_upper(
@@ -362,9 +378,11 @@ def human_errors_upper(
     - unchecked labels count at h.
     The smaller of that and every label counted at h stands (each at half the delta).
 
-    Labels still to come are projected (once everything is labeled there are none). An acceptance
-    counts them as checked the way the given ones were (future disagreements seconded, split as
-    often as so far) and takes the bound on the whole, so it counts on the slack the final bound
+    Labels still to come are projected (once everything is labeled there are none), and so are the
+    second labels still out: counted as wrong, they blocked every acceptance while people worked
+    through them (CLINC150 at 0.95 through the services: 74% human). An acceptance counts the
+    labels to come as checked the way the given ones were (every disagreement seconded in the end,
+    split as often as so far) and takes the bound on the whole, so it counts on the slack the final bound
     will have, not only on the expected rate (which left AG News 0.0003 short of certified through
     the services). Planning (`slack_ahead=False`) adds them at the rate the checks suggest
     (human_error_estimate): all of the undecided items count as future human labels, though most
@@ -378,19 +396,29 @@ def human_errors_upper(
     given = checks.given
     if not assumptions.blind or given == 0 or (given < MIN_CHECKED and human > given):
         return binomial_upper(round(human), h, assumptions.deltas()[2])
-    if not slack_ahead and human > given:
-        now = human_errors_upper(given, checks, assumptions)
-        return now + (human - given) * human_error_estimate(checks, assumptions)
-    grow = max(human - given, 0.0) / given
+    if human <= given:
+        return _checked_upper(
+            checks.agreed, checks.disagreed, checks.seconded, checks.split, checks.plain, assumptions
+        )
+    # A projection: every disagreement, those still waiting for their second label included, ends
+    # seconded, split as often as so far.
     split_rate = checks.split / checks.seconded if checks.seconded else 0.0
-    return _checked_upper(
-        agreed=checks.agreed * (1.0 + grow),
-        disagreed=checks.disagreed * (1.0 + grow),
-        seconded=checks.seconded + checks.disagreed * grow,
-        split=checks.split + split_rate * checks.disagreed * grow,
-        plain=checks.plain * (1.0 + grow),
+    # With the slack ahead: the labels to come checked like the given ones (HumanChecks.like_ahead);
+    # without: the given ones, the rest added at the expected rate.
+    like = checks.like_ahead() if slack_ahead else checks
+    grow = (human - given) / like.given if slack_ahead else 0.0
+    disagreed = checks.disagreed + like.disagreed * grow
+    projected = _checked_upper(
+        agreed=checks.agreed + like.agreed * grow,
+        disagreed=disagreed,
+        seconded=disagreed,
+        split=checks.split + split_rate * (disagreed - checks.seconded),
+        plain=checks.plain + like.plain * grow,
         assumptions=assumptions,
     )
+    if slack_ahead:
+        return projected
+    return projected + (human - given) * human_error_estimate(checks, assumptions)
 
 
 def _checked_upper(

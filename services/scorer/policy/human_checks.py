@@ -16,10 +16,13 @@ later second look replaced (the final label then rests on the second person alon
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import islice
 
-from services.scorer.policy.certification import HumanChecks
+from services.scorer.policy.certification import MIN_CHECKED, RECENT_SHARE, HumanChecks
 
 
 class Check(StrEnum):
@@ -80,11 +83,20 @@ class HumanCheckBook:
         return [(i, self.model_label[i]) for i in item_ids if i in self.model_label]
 
     def counts(self) -> HumanChecks:
-        tally = self.tally
-        return HumanChecks(
-            agreed=tally[Check.AGREED],
-            disagreed=tally[Check.ASKED] + tally[Check.SECONDED] + tally[Check.SPLIT],
-            seconded=tally[Check.SECONDED] + tally[Check.SPLIT],
-            split=tally[Check.SPLIT],
-            plain=tally[Check.PLAIN],
-        )
+        """Every label's check, and the latest labels' (RECENT_SHARE of them, at least MIN_CHECKED;
+        `checks` keeps the order labels first came in) for projecting the ones still to come."""
+        latest = max(MIN_CHECKED, int(RECENT_SHARE * len(self.checks)))
+        if len(self.checks) <= latest:
+            return _counts(self.tally)
+        return _counts(self.tally, _counts(Counter(islice(reversed(self.checks.values()), latest))))
+
+
+def _counts(tally: Mapping[Check, int], recent: HumanChecks | None = None) -> HumanChecks:
+    return HumanChecks(
+        agreed=tally[Check.AGREED],
+        disagreed=tally[Check.ASKED] + tally[Check.SECONDED] + tally[Check.SPLIT],
+        seconded=tally[Check.SECONDED] + tally[Check.SPLIT],
+        split=tally[Check.SPLIT],
+        plain=tally[Check.PLAIN],
+        recent=recent,
+    )
