@@ -91,6 +91,20 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _check_embedding_size(model: ProjectModel, batch: predictions_pb2.PredictionBatch) -> None:
+    """Refuse (dead-letter, nothing written) a batch embedded by another encoder than the project's
+    first items: its rows would not fit the project's model, and every later refit would fail."""
+    size = model.label_embeddings.shape[1]
+    sizes = sorted({len(p.embedding) for p in batch.predictions} - {size})
+    if sizes:
+        raise PermanentError(
+            f"predictions for project {batch.project_id!r} (model {batch.model_id!r}) carry embeddings of "
+            f"{', '.join(map(str, sizes))} dimensions; the project's model uses {size}: its items were "
+            "embedded by another encoder. Run inference with the encoder the project started with "
+            "(TANDEM_INFERENCE_ENCODER); these items need predicting again with it"
+        )
+
+
 class Scorer:
     def __init__(
         self,
@@ -240,6 +254,7 @@ class Scorer:
         await self._claim(project.project_id)
         async with self._lock(project.project_id):
             model = await self._model(project, label_emb, batch.model_id)
+            _check_embedding_size(model, batch)
             await self._decide_new(project, model, batch, delivery.msg_id)
 
     async def _decide_new(

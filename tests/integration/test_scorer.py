@@ -21,7 +21,7 @@ import pytest
 from services.cli.client import Clients
 from services.cli.stack import Stack
 from services.common.auth import Role
-from services.common.bus.contracts import Subject
+from services.common.bus.contracts import Subject, dlq_subject
 from services.gen.tandem.ingest.v1 import ingest_pb2
 from services.gen.tandem.predictions.v1 import predictions_pb2
 from services.gen.tandem.projects.v1 import projects_pb2
@@ -222,6 +222,47 @@ async def test_acceptance_follows_the_certificate(env: tuple[Stack, Clients]) ->
     assert 0 < s.auto_accepted <= s.withdrawn
     assert s.certified and s.certified_accuracy >= 0.9 and s.human_share < 1.0
     assert s.audit_disagreements == 0 and s.audit_accuracy == 1.0
+
+
+async def test_predictions_from_another_encoder_are_dead_lettered_and_the_project_goes_on(
+    env: tuple[Stack, Clients],
+) -> None:
+    """Inference switched to an encoder of another size mid-project: that batch would not fit the
+    project's model (every later refit would fail on it), so it goes to the dead letters with a
+    clear error, nothing of it is written, and the next batch of the right size is decided."""
+    stack, clients = env
+    world = World()
+    project = await _project(clients, "encoders", audit_rate=0.0)
+    truth: dict[str, int] = {}
+    await _predict(stack, world, project, world.labeled(6, truth))
+    await _eventually(lambda: _predicted(clients, project, 6), "the first items decided")
+
+    wider = [(item_id, np.concatenate([vec, np.zeros(8)])) for item_id, vec in world.labeled(3, truth)]
+    await _predict(stack, world, project, wider)
+    nc = await nats.connect(stack.nats_url)
+    try:
+        js = nc.jetstream()
+
+        async def refused() -> str:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                last = await js.get_last_msg("TANDEM_DLQ", dlq_subject("scorer-predictions"))
+                return str((last.headers or {}).get("Tandem-Error", ""))
+            return ""
+
+        await _eventually(lambda: _contains(refused(), project), "the wider batch dead-lettered")
+        error = await refused()
+    finally:
+        await nc.close()
+    assert f"carry embeddings of {DIM + 8} dimensions; the project's model uses {DIM}" in error
+    assert "TANDEM_INFERENCE_ENCODER" in error
+
+    await _predict(stack, world, project, world.labeled(4, truth))
+    await _eventually(lambda: _predicted(clients, project, 10), "the next batch decided")
+    assert (await _stats(clients, project)).scorer.predicted == 10
+
+
+async def _contains(text: Awaitable[str], part: str) -> bool:
+    return part in await text
 
 
 async def test_a_confidently_wrong_region_stays_with_people(
