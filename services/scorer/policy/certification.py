@@ -381,10 +381,10 @@ def human_errors_upper(
     Labels still to come are projected (once everything is labeled there are none), and so are the
     second labels still out: counted as wrong, they blocked every acceptance while people worked
     through them (CLINC150 at 0.95 through the services: 74% human). An acceptance counts the
-    labels to come as checked the way the given ones were (every disagreement seconded in the end,
-    split as often as so far) and takes the bound on the whole, so it counts on the slack the final bound
-    will have, not only on the expected rate (which left AG News 0.0003 short of certified through
-    the services). Planning (`slack_ahead=False`) adds them at the rate the checks suggest
+    labels to come as checked the way the given ones were, or the latest ones where those disagree
+    more (HumanChecks.like_ahead; every disagreement seconded in the end, split as often as so far),
+    and takes the bound on the whole: it counts on the slack the final bound will have, not only on
+    the expected rate (which left AG News 0.0003 short of certified through the services). Planning (`slack_ahead=False`) adds them at the rate the checks suggest
     (human_error_estimate): all of the undecided items count as future human labels, though most
     end up automatic, and their slack made SMS Spam at 0.98 plan batches of a third the size
     (0.62-0.64 human instead of 0.33-0.37, offline). Before MIN_CHECKED labels are checked, every
