@@ -384,11 +384,11 @@ def human_errors_upper(
     labels to come as checked the way the given ones were, or the latest ones where those disagree
     more (HumanChecks.like_ahead; every disagreement seconded in the end, split as often as so far),
     and takes the bound on the whole: it counts on the slack the final bound will have, not only on
-    the expected rate (which left AG News 0.0003 short of certified through the services). Planning (`slack_ahead=False`) adds them at the rate the checks suggest
-    (human_error_estimate): all of the undecided items count as future human labels, though most
-    end up automatic, and their slack made SMS Spam at 0.98 plan batches of a third the size
-    (0.62-0.64 human instead of 0.33-0.37, offline). Before MIN_CHECKED labels are checked, every
-    label counts at h.
+    the expected rate (which left AG News 0.0003 short of certified through the services).
+    Planning (`slack_ahead=False`) adds them at the rate the checks suggest (human_error_estimate):
+    all of the undecided items count as future human labels, though most end up automatic, and
+    their slack made SMS Spam at 0.98 plan batches of a third the size (0.62-0.64 human instead of
+    0.33-0.37, offline). Before MIN_CHECKED labels are checked, every label counts at h.
     """
     h = assumptions.human_error
     if h <= 0 or human <= 0:
@@ -405,8 +405,10 @@ def human_errors_upper(
     split_rate = checks.split / checks.seconded if checks.seconded else 0.0
     # With the slack ahead: the labels to come checked like the given ones (HumanChecks.like_ahead);
     # without: the given ones, the rest added at the expected rate.
-    like = checks.like_ahead() if slack_ahead else checks
-    grow = (human - given) / like.given if slack_ahead else 0.0
+    like, grow = checks, 0.0
+    if slack_ahead:
+        like = checks.like_ahead()
+        grow = (human - given) / like.given
     disagreed = checks.disagreed + like.disagreed * grow
     projected = _checked_upper(
         agreed=checks.agreed + like.agreed * grow,
